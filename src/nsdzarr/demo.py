@@ -1,0 +1,210 @@
+"""A seeded miniature NSD release, encoded exactly as the real one, for the demo and tests."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import scipy.io
+
+from nsdzarr import layout
+from nsdzarr.atomic import atomic_output
+
+TRIALS_PER_SESSION = 750
+N_SUBJECTS = 8
+N_IMAGES_PER_SUBJECT = 10_000
+N_SHARED = 1_000
+N_NSD_IMAGES = 73_000
+SESSIONS_IN_DESIGN = 40
+RUNS_PER_SESSION = 12
+SLOTS_PER_RUN = 75
+BETA_SCALE = 300  # int16 betas are percent signal change x 300
+VOXEL_MM = 1.8
+VISUAL_ROI_LABELS = ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4")
+ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What to generate: subjects, sessions per subject, NIfTI (X, Y, Z) volume, seed."""
+
+    subjects: tuple[str, ...] = ("subj01",)
+    sessions: int = 3
+    shape_xyz: tuple[int, int, int] = (20, 24, 16)
+    space: str = "func1pt8mm"
+    beta_version: str = "betas_fithrf_GLMdenoise_RR"
+    seed: int = 0
+
+
+def run_lengths() -> list[int]:
+    """Stimulus trials per run in an NSD session: 63 in odd runs, 62 in even ones (sum 750)."""
+    return [63 if run % 2 == 1 else 62 for run in range(1, RUNS_PER_SESSION + 1)]
+
+
+def affine(shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """A 1.8 mm RAS affine centred on the volume, like the NSD functional space."""
+    aff = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    aff[:3, 3] = -VOXEL_MM * (np.asarray(shape_xyz) - 1) / 2
+    return aff
+
+
+def brain_mask(shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """Boolean ellipsoid brain in NIfTI (X, Y, Z) order."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_xyz], indexing="ij")
+    return sum(g**2 for g in grids) <= 0.85
+
+
+def roi_volumes(shape_xyz: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """int16 ROI atlases in (X, Y, Z): -1 outside brain, 0 unlabeled, labels >= 1."""
+    brain = brain_mask(shape_xyz)
+    x, y, z = np.meshgrid(*[np.linspace(0, 1, n) for n in shape_xyz], indexing="ij")
+    posterior = brain & (y < 0.45)
+    general = np.where(brain, 0, -1).astype(np.int16)
+    general[posterior & (z > 0.2)] = 1
+    visual = np.where(brain, 0, -1).astype(np.int16)
+    # seven bands of about equal size along y inside the occipital part
+    occipital = posterior & (z > 0.3) & (x > 0.15) & (x < 0.85)
+    edges = np.quantile(y[occipital], np.linspace(0, 1, len(VISUAL_ROI_LABELS) + 1)[1:-1])
+    visual[occipital] = np.digitize(y[occipital], edges) + 1
+    return dict(zip(ROI_FILES, (general, visual), strict=True))
+
+
+def make_design(seed: int) -> dict[str, np.ndarray]:
+    """An ``nsd_expdesign.mat``-like design: 1-based ids, shared1000 first in each row."""
+    rng = np.random.default_rng(seed)
+    pool = rng.permutation(N_NSD_IMAGES) + 1  # 1-based 73k ids
+    sharedix = np.sort(pool[:N_SHARED])
+    subjectim = np.empty((N_SUBJECTS, N_IMAGES_PER_SUBJECT), dtype=np.float64)
+    per_subject = N_IMAGES_PER_SUBJECT - N_SHARED
+    for s in range(N_SUBJECTS):
+        own = pool[N_SHARED + s * per_subject : N_SHARED + (s + 1) * per_subject]
+        subjectim[s] = np.concatenate([sharedix, own])
+    # every 10k image shown three times, each showing in a different third of the experiment
+    thirds = [rng.permutation(N_IMAGES_PER_SUBJECT) + 1 for _ in range(3)]
+    masterordering = np.concatenate(thirds).astype(np.float64)[None, :]
+    stimpattern = np.zeros((SESSIONS_IN_DESIGN, RUNS_PER_SESSION, SLOTS_PER_RUN), dtype=np.float64)
+    for run, n in enumerate(run_lengths()):
+        slots = np.linspace(3, SLOTS_PER_RUN - 4, n).round().astype(int)
+        stimpattern[:, run, slots] = 1
+    return {
+        "masterordering": masterordering,
+        "subjectim": subjectim,
+        "sharedix": sharedix.astype(np.float64)[None, :],
+        "stimpattern": stimpattern,
+    }
+
+
+def stim_info_rows(design: dict[str, np.ndarray], seed: int) -> tuple[list[str], np.ndarray]:
+    """``nsd_stim_info_merged.csv`` columns and integer rows for the 73k images of a design."""
+    rng = np.random.default_rng([seed, 73])
+    coco_id = rng.choice(600_000, size=N_NSD_IMAGES, replace=False)
+    shared = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+    shared[design["sharedix"][0].astype(int) - 1] = 1
+    image_10k = design["masterordering"][0].astype(int) - 1
+    columns = ["cocoId", "nsdId", "shared1000"]
+    values = [coco_id, np.arange(N_NSD_IMAGES), shared]
+    seen, reps = [], []
+    for s in range(N_SUBJECTS):
+        ids = design["subjectim"][s].astype(int) - 1
+        member = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+        member[ids] = 1
+        seen.append(member)
+        rep = np.zeros((N_NSD_IMAGES, 3), dtype=np.int64)
+        count = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+        for trial, nsd in enumerate(ids[image_10k]):
+            rep[nsd, count[nsd]] = trial + 1  # 1-based global trial
+            count[nsd] += 1
+        reps.append(rep)
+    columns += [f"subject{s + 1}" for s in range(N_SUBJECTS)]
+    values += seen
+    for s in range(N_SUBJECTS):
+        columns += [f"subject{s + 1}_rep{k}" for k in range(3)]
+        values += list(reps[s].T)
+    return columns, np.stack(values, axis=1)
+
+
+def write_stim_info(path: Path, design: dict[str, np.ndarray], seed: int) -> None:
+    """Write an ``nsd_stim_info_merged.csv`` consistent with the design (unnamed index first)."""
+    columns, rows = stim_info_rows(design, seed)
+    split = np.where(rows[:, 0] % 5 == 0, "val2017", "train2017")
+    with atomic_output(path) as tmp, open(tmp, "w") as fh:
+        fh.write(",cocoId,cocoSplit,cropBox," + ",".join(columns[1:]) + "\n")
+        for i, row in enumerate(rows):
+            rest = ",".join(map(str, row[1:]))
+            fh.write(f'{i},{row[0]},{split[i]},"(0, 0, 0.125, 0.125)",{rest}\n')
+
+
+def session_betas(
+    design: dict[str, np.ndarray], subject: str, session: int, spec: DemoSpec
+) -> np.ndarray:
+    """int16 betas in h5py order ``(750, Z, Y, X)``: image signal + noise + a session offset."""
+    subj = int(subject.removeprefix("subj"))
+    rng = np.random.default_rng([spec.seed, subj, session])
+    brain_zyx = brain_mask(spec.shape_xyz).T
+    n_vox = int(brain_zyx.sum())
+    trials = np.arange((session - 1) * TRIALS_PER_SESSION, session * TRIALS_PER_SESSION)
+    image_10k = design["masterordering"][0, trials].astype(int) - 1
+    nsd_id = design["subjectim"][subj - 1, image_10k].astype(int) - 1
+    # a repeatable response per image: 4 latent factors drawn from the image id, fixed voxel weights
+    factors = np.stack([np.random.default_rng([spec.seed, i]).standard_normal(4) for i in nsd_id])
+    weights = np.random.default_rng([spec.seed, subj]).standard_normal((4, n_vox))
+    psc = factors @ weights + rng.standard_normal((TRIALS_PER_SESSION, n_vox)) * 1.5
+    psc += rng.normal(0, 0.5)  # per-session offset
+    betas = np.zeros((TRIALS_PER_SESSION, *brain_zyx.shape), dtype=np.int16)
+    betas[:, brain_zyx] = np.clip(np.round(psc * BETA_SCALE), -32768, 32767).astype(np.int16)
+    return betas
+
+
+def write_betas_hdf5(path: Path, betas: np.ndarray) -> None:
+    """Write ``/betas`` as NSD does: uncompressed, one chunk per voxel ``(T, 1, 1, 1)``."""
+    with atomic_output(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
+        f.create_dataset("betas", data=betas, chunks=(betas.shape[0], 1, 1, 1), track_times=False)
+
+
+def write_nifti_gz(path: Path, data: np.ndarray, aff: np.ndarray) -> None:
+    """Write a NIfTI-1 ``.nii.gz`` with a fixed gzip mtime so reruns are byte-identical."""
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_xyzt_units("mm")
+    with (
+        atomic_output(path) as tmp,
+        open(tmp, "wb") as fh,
+        gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz,
+    ):
+        gz.write(img.to_bytes())
+
+
+def demo_files(root: str | Path, spec: DemoSpec) -> list[Path]:
+    """Every file :func:`write_demo` creates under ``root``."""
+    files = [layout.design_path(root), layout.stim_info_path(root)]
+    for subject in spec.subjects:
+        files += [
+            layout.betas_path(root, subject, spec.space, spec.beta_version, s)
+            for s in range(1, spec.sessions + 1)
+        ]
+        files += [layout.roi_path(root, subject, spec.space, name) for name in ROI_FILES]
+    return files
+
+
+def write_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> list[Path]:
+    """Generate the miniature NSD release under ``root``; deterministic for a given spec."""
+    design = make_design(spec.seed)
+    design_file = layout.design_path(root)
+    design_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(design_file) as tmp:
+        scipy.io.savemat(tmp, design, format="5", do_compression=False)
+    write_stim_info(layout.stim_info_path(root), design, spec.seed)
+    aff = affine(spec.shape_xyz)
+    for subject in spec.subjects:
+        for session in range(1, spec.sessions + 1):
+            path = layout.betas_path(root, subject, spec.space, spec.beta_version, session)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_betas_hdf5(path, session_betas(design, subject, session, spec))
+        for name, vol in roi_volumes(spec.shape_xyz).items():
+            path = layout.roi_path(root, subject, spec.space, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_nifti_gz(path, vol, aff)
+    return demo_files(root, spec)

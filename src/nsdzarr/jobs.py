@@ -1,0 +1,38 @@
+"""Run one workflow step: log to a file, turn a known failure into one line on stderr and exit 1."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nsdzarr.errors import NsdzarrError
+
+log = logging.getLogger("nsdzarr")
+
+
+def run_job(
+    log_path: str | Path | None, func: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> Any:
+    """Call ``func(*args, **kwargs)`` logging to ``log_path``; exit 1 on :class:`NsdzarrError`."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    start = time.perf_counter()
+    try:
+        result = func(*args, **kwargs)
+    except NsdzarrError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+    log.info("%s done in %.2f s", getattr(func, "__name__", "job"), time.perf_counter() - start)
+    return result
