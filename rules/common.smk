@@ -1,0 +1,193 @@
+# Config validation, path helpers and resource functions. Functions only: rules live elsewhere.
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from nsdzarr import layout  # noqa: E402
+from nsdzarr.demo import DemoSpec, demo_files  # noqa: E402
+from nsdzarr.errors import InputError  # noqa: E402
+from nsdzarr.estimate import (
+    estimate_job_mem_mb,
+    job_mem_mb,
+    job_runtime_min,
+)  # noqa: E402
+
+validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+
+if config["storage"]["trials_per_shard"] % config["storage"]["trials_per_chunk"]:
+    raise WorkflowError(
+        "config: storage.trials_per_chunk "
+        f"({config['storage']['trials_per_chunk']}) must divide storage.trials_per_shard "
+        f"({config['storage']['trials_per_shard']})"
+    )
+
+NSD_ROOT = config["nsd_root"]
+SUBJECTS = config["subjects"]
+
+
+wildcard_constraints:
+    subject=r"subj\d{2}",
+    session=r"\d{2}",
+    roi=r"[A-Za-z0-9_-]+",
+
+
+def demo_spec():
+    """The demo release to generate, shaped by the configured subjects and sessions."""
+    sessions = config["sessions"]
+    n = DemoSpec.sessions if sessions == "all" else max(sessions)
+    return DemoSpec(
+        subjects=tuple(SUBJECTS),
+        sessions=n,
+        space=config["space"],
+        beta_version=config["beta_version"],
+    )
+
+
+def sessions_of(subject):
+    """Session numbers configured for a subject (`all` = files present, or the demo's)."""
+    if config["sessions"] != "all":
+        return sorted(config["sessions"])
+    if config["demo"]:
+        return list(range(1, demo_spec().sessions + 1))
+    try:
+        return layout.sessions_present(
+            NSD_ROOT, subject, config["space"], config["beta_version"]
+        )
+    except InputError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def betas_hdf5(wildcards):
+    """The source HDF5 of one session."""
+    return layout.betas_path(
+        NSD_ROOT,
+        wildcards.subject,
+        config["space"],
+        config["beta_version"],
+        int(wildcards.session),
+    )
+
+
+def design_mat(wildcards=None):
+    """The experimental design file of the release."""
+    return layout.design_path(NSD_ROOT)
+
+
+def session_outputs(pattern):
+    """`pattern` expanded over every configured subject and session."""
+    return [
+        pattern.format(subject=subject, session=f"{session:02d}")
+        for subject in SUBJECTS
+        for session in sessions_of(subject)
+    ]
+
+
+def final_outputs():
+    """Everything `rule all` requests."""
+    return (
+        heavy_outputs()
+        + expand("results/{subject}/trials.tsv", subject=SUBJECTS)
+        + ["results/summary/estimates.tsv"]
+    )
+
+
+def stim_info_csv(wildcards):
+    """`nsd_stim_info_merged.csv` when the release has it (adds coco_id), else nothing."""
+    path = layout.stim_info_path(NSD_ROOT)
+    return [str(path)] if path.exists() or config["demo"] else []
+
+
+def affine_source(wildcards):
+    """An atlas file of the subject whose affine the session store records (first ROI), if any."""
+    files = [roi["file"] for roi in config["rois"].values()]
+    if not files:
+        return []
+    return [
+        str(layout.roi_path(NSD_ROOT, wildcards.subject, config["space"], files[0]))
+    ]
+
+
+def estimate_mem_mb(wildcards, input, attempt):
+    """Memory of the estimate job itself, from the source's HDF5 header."""
+    return attempt * estimate_job_mem_mb(input.betas, config["memory"]["factor"])
+
+
+def job_mem(job):
+    """`mem_mb` callable of a heavy rule: its session estimate x attempt, capped by the ceiling."""
+
+    def mem_mb(wildcards, input, attempt):
+        return job_mem_mb(input.estimate, job, attempt, config["memory"]["ceiling_mb"])
+
+    return mem_mb
+
+
+def job_runtime(job):
+    """`runtime` callable (minutes) of a heavy rule, from its session estimate x attempt."""
+
+    def runtime(wildcards, input, attempt):
+        return job_runtime_min(input.estimate, job, attempt)
+
+    return runtime
+
+
+def roi_mask_path(subject, roi):
+    """The atlas file of an ROI for a subject."""
+    file = config["rois"][roi]["file"]
+    return str(layout.roi_path(NSD_ROOT, subject, config["space"], file))
+
+
+def roi_mask(wildcards):
+    """The atlas file of the job's ROI."""
+    return roi_mask_path(wildcards.subject, wildcards.roi)
+
+
+def roi_labels(wildcards):
+    """The label values an ROI keeps, or None for every value >= 1."""
+    return config["rois"][wildcards.roi].get("labels")
+
+
+def roi_parts(wildcards):
+    """Per-session part stores of a subject's ROI, in session order."""
+    return [
+        f"results/{wildcards.subject}/roi/{wildcards.roi}.parts/session{s:02d}.zarr"
+        for s in sessions_of(wildcards.subject)
+    ]
+
+
+def roi_job_mem(wildcards, input, attempt):
+    """`mem_mb` of one ROI session job, from its session estimate x attempt, capped."""
+    return job_mem_mb(
+        input.estimate,
+        f"roi_session/{wildcards.roi}",
+        attempt,
+        config["memory"]["ceiling_mb"],
+    )
+
+
+def subject_rois(wildcards):
+    """Every configured ROI of a subject: name -> (atlas file, labels or None)."""
+    return {
+        name: (roi_mask_path(wildcards.subject, name), roi.get("labels"))
+        for name, roi in config["rois"].items()
+    }
+
+
+def subject_roi_masks(wildcards):
+    """The distinct atlas files a subject's ROIs use."""
+    return sorted({path for path, _labels in subject_rois(wildcards).values()})
+
+
+def heavy_outputs():
+    """Outputs of the rules that carry `benchmark:` files (conversion and ROI extraction)."""
+    return session_outputs("results/{subject}/betas/session{session}.zarr") + expand(
+        "results/{subject}/roi/{roi}.zarr", subject=SUBJECTS, roi=list(config["rois"])
+    )
+
+
+def benchmark_files(wildcards):
+    """The benchmark files the heavy jobs wrote (read once they have run)."""
+    return sorted(str(p) for p in Path("results/benchmarks").glob("*/*/*.tsv"))

@@ -1,0 +1,21 @@
+rule convert:
+    input:
+        betas=betas_hdf5,
+        estimate="results/{subject}/estimates/session{session}.json",
+        affine_from=affine_source,
+    output:
+        directory("results/{subject}/betas/session{session}.zarr"),
+    log:
+        "logs/{subject}/convert/session{session}.log",
+    benchmark:
+        "results/benchmarks/{subject}/convert/session{session}.tsv"
+    conda:
+        "../envs/nsdzarr.yaml"
+    threads: 2
+    resources:
+        mem_mb=job_mem("convert"),
+        runtime=job_runtime("convert"),
+    params:
+        storage=config["storage"],
+    script:
+        "../scripts/convert.py"

@@ -1,0 +1,16 @@
+rule trial_index:
+    input:
+        design=design_mat,
+        stim_info=stim_info_csv,
+    output:
+        trials="results/{subject}/trials.tsv",
+        sidecar="results/{subject}/trials.json",
+        images="results/{subject}/images.tsv",
+    log:
+        "logs/{subject}/trial_index.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    params:
+        sessions=lambda wildcards: sessions_of(wildcards.subject),
+    script:
+        "../scripts/trial_index.py"

@@ -1,0 +1,20 @@
+"""Snakemake adapter: size and memory estimate of one session."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.estimate import write_session_estimate
+from nsdzarr.jobs import run_job
+from nsdzarr.storage import StorageSettings
+
+run_job(
+    snakemake.log[0],
+    write_session_estimate,
+    snakemake.input.betas,
+    snakemake.output[0],
+    StorageSettings.from_config(snakemake.params.storage),
+    ceiling_mb=snakemake.params.ceiling_mb,
+    factor=snakemake.params.factor,
+    rois=snakemake.params.rois,
+)

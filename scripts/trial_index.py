@@ -1,0 +1,20 @@
+"""Snakemake adapter: trial -> image index tables of one subject."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.trials import write_trial_tables
+
+run_job(
+    snakemake.log[0],
+    write_trial_tables,
+    snakemake.input.design,
+    snakemake.wildcards.subject,
+    snakemake.params.sessions,
+    snakemake.output.trials,
+    snakemake.output.sidecar,
+    snakemake.output.images,
+    stim_info_csv=next(iter(snakemake.input.stim_info), None),
+)

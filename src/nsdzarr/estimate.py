@@ -1,0 +1,160 @@
+"""Size, memory and runtime estimates of a session from HDF5 metadata and a compression sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsdzarr.atomic import atomic_output
+from nsdzarr.hdf5_read import betas_dataset
+from nsdzarr.memory import (
+    BASELINE_BYTES,
+    MB,
+    SNAKEMAKE_JOB_BYTES,
+    budget_bytes,
+    in_memory_peak,
+    plan_conversion,
+    request_mb,
+    roi_session_peak,
+)
+from nsdzarr.nifti import load_nifti
+from nsdzarr.storage import StorageSettings, numcodecs_compressor, trial_blocks
+
+SAMPLE_PLANES = 4
+SAMPLE_TRIALS = 32
+# Files a session store holds besides its shards: group and array metadata, the checksum array.
+STORE_EXTRA_FILES = 4
+# Conservative conversion throughput of source bytes (read + encode + verify) for runtime requests.
+CONVERT_BYTES_PER_S = 40 * MB
+MIN_RUNTIME_MIN = 5
+
+
+def sample_compression_ratio(path: str | os.PathLike[str], settings: StorageSettings) -> float:
+    """Raw/compressed ratio of the configured codec on a few evenly spaced z-planes."""
+    with betas_dataset(path) as dset:
+        n_trials, n_z = dset.shape[:2]
+        planes = np.unique(np.linspace(0, n_z - 1, SAMPLE_PLANES + 2).round().astype(int)[1:-1])
+        sample = np.stack([dset[:, int(z)] for z in planes], axis=1)  # (T, p, Y, X)
+    codec = numcodecs_compressor(settings, sample.dtype.itemsize)
+    rows = np.linspace(0, n_trials - 1, min(SAMPLE_TRIALS, n_trials)).round().astype(int)
+    raw = compressed = 0
+    for t in rows:
+        block = np.ascontiguousarray(sample[t])
+        raw += block.nbytes
+        compressed += len(codec.encode(block))
+    return raw / max(compressed, 1)
+
+
+def session_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Shape, dtype, chunking, filters and file size of a session's ``/betas``."""
+    with betas_dataset(path) as dset:
+        return {
+            "path": str(Path(path)),
+            "shape": list(dset.shape),
+            "dtype": dset.dtype.str,
+            "chunks": list(dset.chunks) if dset.chunks else None,
+            "filters": [str(f) for f in (dset.compression, dset.shuffle and "shuffle") if f],
+            "file_bytes": Path(path).stat().st_size,
+        }
+
+
+def estimate_from_metadata(
+    meta: dict[str, Any],
+    settings: StorageSettings,
+    compression_ratio: float,
+    ceiling_mb: int | None = None,
+    factor: float = 1.0,
+    roi_voxels: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Every figure of a session's estimate, from metadata, a compression ratio, ROI sizes."""
+    shape = tuple(meta["shape"])
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    raw = math.prod(shape) * itemsize
+    n_shards = len(trial_blocks(shape[0], settings.trials_per_shard))
+    plan = plan_conversion(shape, itemsize, settings.trials_per_shard, budget_bytes(ceiling_mb))
+    runtime = max(MIN_RUNTIME_MIN, math.ceil(3 * raw / CONVERT_BYTES_PER_S / 60))
+    jobs: dict[str, dict[str, Any]] = {
+        "convert": {
+            "strategy": plan.strategy,
+            "planes_per_slab": plan.planes_per_slab,
+            "in_memory_peak_bytes": in_memory_peak(shape, itemsize, settings.trials_per_shard),
+            "peak_bytes": plan.peak_bytes,
+            "mem_mb": request_mb(plan.peak_bytes, factor),
+            "runtime_min": runtime,
+        }
+    }
+    for name, n_vox in (roi_voxels or {}).items():
+        peak = roi_session_peak(shape, itemsize, n_vox)
+        jobs[f"roi_session/{name}"] = {
+            "voxels": n_vox,
+            "peak_bytes": peak,
+            "mem_mb": request_mb(peak, factor),
+            "runtime_min": runtime,
+        }
+    return {
+        "source": meta,
+        "raw_bytes": raw,
+        "float32_bytes": math.prod(shape) * 4,
+        "compression_ratio": round(compression_ratio, 4),
+        "store_bytes": int(raw / compression_ratio),
+        "store_files": n_shards + STORE_EXTRA_FILES,
+        "jobs": jobs,
+        "model": {
+            "snakemake_job_bytes": SNAKEMAKE_JOB_BYTES,
+            "factor": factor,
+            "ceiling_mb": ceiling_mb,
+        },
+    }
+
+
+def write_session_estimate(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    settings: StorageSettings,
+    ceiling_mb: int | None = None,
+    factor: float = 1.0,
+    rois: dict[str, tuple[str, list[int] | None]] | None = None,
+) -> dict[str, Any]:
+    """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically."""
+    meta = session_metadata(source)
+    ratio = sample_compression_ratio(source, settings)
+    roi_voxels = {name: count_roi_voxels(*spec) for name, spec in (rois or {}).items()}
+    estimate = estimate_from_metadata(meta, settings, ratio, ceiling_mb, factor, roi_voxels)
+    with atomic_output(target) as tmp:
+        Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")
+    return estimate
+
+
+def job_mem_mb(
+    estimate_json: str | os.PathLike[str], job: str, attempt: int = 1, ceiling_mb: int | None = None
+) -> int:
+    """``mem_mb`` to request for ``job`` on try ``attempt``, capped by the ceiling."""
+    mem = json.loads(Path(estimate_json).read_text())["jobs"][job]["mem_mb"] * attempt
+    return min(mem, ceiling_mb) if ceiling_mb else mem
+
+
+def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: int = 1) -> int:
+    """``runtime`` in minutes to request for ``job`` on try ``attempt``."""
+    return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
+
+
+def estimate_job_mem_mb(source: str | os.PathLike[str], factor: float = 1.0) -> int:
+    """``mem_mb`` of the estimate job itself: the sampled planes, from the HDF5 header only."""
+    try:
+        shape = session_metadata(source)["shape"]
+        itemsize = 8  # the sample is read as stored, then copied; count it generously
+        sample = (SAMPLE_PLANES + 1) * shape[0] * math.prod(shape[2:]) * itemsize
+    except Exception:  # the job itself reports a bad file with a one-line error
+        sample = 0
+    return request_mb(BASELINE_BYTES + sample, factor)
+
+
+def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None) -> int:
+    """Voxels an ROI selects, counted leniently (the ROI job itself checks the mask)."""
+    values = np.asarray(load_nifti(mask_path).dataobj)
+    return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())

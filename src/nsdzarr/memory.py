@@ -1,0 +1,98 @@
+"""The memory model: predicted peak RSS of each job, and the conversion strategy for a budget.
+
+Terms are fitted to measured peak RSS (``benchmarks/calibrate_memory.py``); keep them here only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MB = 1024**2
+
+# Interpreter + numpy/h5py/zarr/numcodecs/scipy/nibabel imported (measured 76 MB) plus the
+# zarr event loop and thread pools once running.
+BASELINE_BYTES = 110 * MB
+# Snakemake's own processes inside a SLURM allocation: the batch step (~130 MB) and the job
+# step (~125 MB) that runs the script (shared/notes/slurm-local-cluster.md, sacct MaxRSS).
+SNAKEMAKE_JOB_BYTES = 260 * MB
+# Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask).
+INDEX_BYTES_PER_CHUNK = 40
+# Encoding one shard holds its raw block, the encoded inner chunks and the assembled shard.
+SHARD_WORK_FACTOR = 2.5
+# Trials summed at once when computing per-trial checksums in float64.
+CHECKSUM_ROWS = 8
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """How one session is converted and what that costs at peak."""
+
+    strategy: str  # "in-memory" | "slabs"
+    planes_per_slab: int
+    peak_bytes: int
+
+
+def _common_bytes(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) -> int:
+    n_trials = shape[0]
+    voxels = math.prod(shape[1:])
+    shard = min(trials_per_shard, n_trials) * voxels * itemsize
+    return (
+        BASELINE_BYTES
+        + voxels * INDEX_BYTES_PER_CHUNK
+        + int(SHARD_WORK_FACTOR * shard)
+        + CHECKSUM_ROWS * voxels * 8
+    )
+
+
+def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) -> int:
+    """Peak RSS of reading the whole session, then writing it shard by shard."""
+    return math.prod(shape) * itemsize + _common_bytes(shape, itemsize, trials_per_shard)
+
+
+def slab_peak(
+    shape: tuple[int, ...], itemsize: int, trials_per_shard: int, planes_per_slab: int
+) -> int:
+    """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time."""
+    plane = shape[0] * math.prod(shape[2:]) * itemsize
+    # the slab, plus the same again while its chunks are encoded into the scratch store
+    return 2 * planes_per_slab * plane + _common_bytes(shape, itemsize, trials_per_shard)
+
+
+def plan_conversion(
+    shape: tuple[int, ...], itemsize: int, trials_per_shard: int, budget_bytes: int | None
+) -> ConversionPlan:
+    """In memory when it fits the budget (or no budget), else the largest slabs that fit."""
+    whole = in_memory_peak(shape, itemsize, trials_per_shard)
+    n_planes = shape[1]
+    if budget_bytes is None or whole <= budget_bytes:
+        return ConversionPlan("in-memory", n_planes, whole)
+    fixed = slab_peak(shape, itemsize, trials_per_shard, 0)
+    plane = shape[0] * math.prod(shape[2:]) * itemsize
+    planes = max(1, min(n_planes, int((budget_bytes - fixed) // (2 * plane))))
+    return ConversionPlan("slabs", planes, slab_peak(shape, itemsize, trials_per_shard, planes))
+
+
+def request_mb(peak_bytes: int, factor: float = 1.0) -> int:
+    """SLURM ``mem_mb`` for a script's peak: plus Snakemake's own processes, times ``factor``."""
+    return math.ceil((peak_bytes + SNAKEMAKE_JOB_BYTES) / MB * factor)
+
+
+def budget_bytes(mem_mb: int | None) -> int | None:
+    """What a job's script may use of its ``mem_mb`` once Snakemake's own processes are paid."""
+    return None if not mem_mb else mem_mb * MB - SNAKEMAKE_JOB_BYTES
+
+
+def roi_session_peak(
+    shape: tuple[int, ...], itemsize: int, n_roi_voxels: int, uses_chunk_index: bool = True
+) -> int:
+    """Peak RSS of extracting one session's ROI voxels and their statistics."""
+    n_trials = shape[0]
+    voxels = math.prod(shape[1:])
+    rows = n_trials * n_roi_voxels
+    return (
+        BASELINE_BYTES
+        + (voxels * INDEX_BYTES_PER_CHUNK if uses_chunk_index else 0)
+        + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
+        + rows * (2 * itemsize + 8)  # rows read, rows read back to verify, float64 for stats
+    )

@@ -1,0 +1,148 @@
+"""Session HDF5 -> Zarr conversion: lossless in both strategies, atomic, verified."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from conftest import REPO
+
+from nsdzarr import layout
+from nsdzarr.convert import checksum_weights, convert_session, trial_checksums, verify_store
+from nsdzarr.demo import DemoSpec, affine, write_betas_hdf5
+from nsdzarr.errors import InputError, VerificationError
+from nsdzarr.memory import plan_conversion
+from nsdzarr.storage import StorageSettings
+
+
+def demo_session(root: Path, session: int = 1) -> Path:
+    spec = DemoSpec()
+    return layout.betas_path(root, "subj01", spec.space, spec.beta_version, session)
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    if cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    return not mismatch and not errors and all(same_tree(a / d, b / d) for d in cmp.common_dirs)
+
+
+def test_both_strategies_write_identical_lossless_stores(demo_root: Path, tmp_path: Path):
+    source = demo_session(demo_root)
+    aff = affine(DemoSpec().shape_xyz)
+    whole = convert_session(source, tmp_path / "a.zarr", strategy="in-memory", affine=aff)
+    slabs = convert_session(
+        source, tmp_path / "b.zarr", strategy="slabs", affine=aff, scratch_dir=str(tmp_path)
+    )
+    assert (whole.strategy, slabs.strategy) == ("in-memory", "slabs")
+    assert same_tree(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    group = zarr.open_group(tmp_path / "a.zarr", mode="r")
+    with h5py.File(source, "r") as f:
+        np.testing.assert_array_equal(group["betas"][...], f["betas"][...])
+    assert group["betas"].shards == (50, 16, 24, 20)
+    assert group["betas"].chunks == (1, 16, 24, 20)
+    assert whole.store_files <= 32
+    attrs = group.attrs.asdict()
+    assert attrs["source"]["path"] == str(source.resolve())
+    assert attrs["source"]["size"] == source.stat().st_size
+    assert attrs["scale"] == 300 and attrs["axes"] == ["trial", "z", "y", "x"]
+    assert attrs["shape_nifti_xyz"] == [20, 24, 16]
+    np.testing.assert_array_equal(attrs["affine"], aff)
+    assert not list(tmp_path.glob("nsdzarr-rechunk-*")), "scratch store left behind"
+
+
+def test_budget_chooses_the_strategy(demo_root: Path, tmp_path: Path):
+    source = demo_session(demo_root)
+    shape = (750, 16, 24, 20)
+    big = plan_conversion(shape, 2, 50, None)
+    assert big.strategy == "in-memory"
+    small = plan_conversion(shape, 2, 50, big.peak_bytes - 1)
+    assert small.strategy == "slabs" and small.peak_bytes <= big.peak_bytes - 1
+    report = convert_session(source, tmp_path / "c.zarr", memory_budget_bytes=big.peak_bytes - 1)
+    assert report.strategy == "slabs"
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "blosc-lz4", "zstd"])
+def test_codecs_and_shards_round_trip(demo_root: Path, tmp_path: Path, codec: str):
+    source = demo_session(demo_root, 2)
+    settings = StorageSettings(codec=codec, level=3, trials_per_chunk=5, trials_per_shard=250)
+    report = convert_session(source, tmp_path / "s.zarr", settings)
+    betas = zarr.open_group(tmp_path / "s.zarr", mode="r")["betas"]
+    assert betas.chunks[0] == 5 and betas.shards[0] == 250
+    assert report.store_files == 3 + 4
+    with h5py.File(source, "r") as f:
+        np.testing.assert_array_equal(betas[...], f["betas"][...])
+
+
+def test_verification_catches_a_changed_value(demo_root: Path, tmp_path: Path):
+    convert_session(demo_session(demo_root), tmp_path / "v.zarr")
+    group = zarr.open_group(tmp_path / "v.zarr", mode="r+")
+    betas = group["betas"]
+    weights = checksum_weights(int(np.prod(betas.shape[1:])))
+    expected = group["trial_checksums"][...]
+    verify_store(betas, expected, weights, tmp_path / "v.zarr")  # intact: passes
+    np.testing.assert_array_equal(trial_checksums(betas[:50], weights), expected[:50])
+    betas[123, 8, 12, 10] = betas[123, 8, 12, 10] + 1
+    with pytest.raises(
+        VerificationError, match=r"v\.zarr: store differs from its source at trials \[123\]"
+    ):
+        verify_store(betas, expected, weights, tmp_path / "v.zarr")
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda p: None, "not found"),
+        (lambda p: p.write_text("not hdf5"), "not an HDF5 file"),
+        (lambda p: h5py.File(p, "w").create_dataset("data", data=np.zeros((2, 2, 2, 2))), "betas"),
+    ],
+)
+def test_bad_source_gives_one_line_and_no_output(tmp_path: Path, make, problem: str):
+    source = tmp_path / "betas_session01.hdf5"
+    made = make(source)
+    if hasattr(made, "file"):
+        made.file.close()
+    with pytest.raises(InputError) as err:
+        convert_session(source, tmp_path / "out.zarr")
+    assert str(err.value).startswith(str(source)) and problem in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not [p for p in tmp_path.iterdir() if p != source]
+
+
+def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path):
+    source = tmp_path / "big.hdf5"
+    rng = np.random.default_rng(0)
+    write_betas_hdf5(source, rng.integers(-900, 900, size=(750, 30, 40, 40), dtype=np.int16))
+    target = tmp_path / "out.zarr"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[3]);"
+        "from nsdzarr.convert import convert_session;"
+        "convert_session(sys.argv[1], sys.argv[2], strategy='slabs')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(source), str(target), str(REPO / "src")]
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.zarr.incomplete-*/betas/c")):
+        assert time.monotonic() < deadline and proc.poll() is None, "writer never started"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    assert list(tmp_path.glob(".out.zarr.incomplete-*"))
+    convert_session(source, target)
+    assert not list(tmp_path.glob(".out.zarr.incomplete-*")), "stale temporary not removed"
+    with h5py.File(source, "r") as f:
+        np.testing.assert_array_equal(
+            zarr.open_group(target, mode="r")["betas"][...], f["betas"][...]
+        )
