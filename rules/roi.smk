@@ -1,0 +1,40 @@
+rule roi_session:
+    input:
+        betas=betas_hdf5,
+        mask=roi_mask,
+        trials="results/{subject}/trials.tsv",
+        estimate="results/{subject}/estimates/session{session}.json",
+    output:
+        temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),
+    log:
+        "logs/{subject}/roi_session/{roi}_session{session}.log",
+    benchmark:
+        "results/benchmarks/{subject}/roi_session/{roi}_session{session}.tsv"
+    conda:
+        "../envs/nsdzarr.yaml"
+    resources:
+        mem_mb=roi_job_mem,
+        runtime=job_runtime("convert"),
+    params:
+        labels=roi_labels,
+        storage=config["storage"],
+    script:
+        "../scripts/roi_session.py"
+
+
+rule roi_store:
+    input:
+        parts=roi_parts,
+        mask=roi_mask,
+    output:
+        directory("results/{subject}/roi/{roi}.zarr"),
+    log:
+        "logs/{subject}/roi_store/{roi}.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    params:
+        sessions=lambda wildcards: sessions_of(wildcards.subject),
+        labels=roi_labels,
+        storage=config["storage"],
+    script:
+        "../scripts/roi_store.py"

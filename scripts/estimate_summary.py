@@ -1,0 +1,18 @@
+"""Snakemake adapter: estimates table, Markdown report and requested-vs-measured plot."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.summary import write_summary
+
+run_job(
+    snakemake.log[0],
+    write_summary,
+    list(snakemake.input.estimates),
+    snakemake.params.benchmarks,
+    snakemake.output.tsv,
+    snakemake.output.md,
+    snakemake.output.png,
+)

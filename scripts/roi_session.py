@@ -1,0 +1,21 @@
+"""Snakemake adapter: one session's rows of one ROI store."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.roi import extract_session
+from nsdzarr.storage import StorageSettings
+
+run_job(
+    snakemake.log[0],
+    extract_session,
+    snakemake.input.betas,
+    snakemake.input.mask,
+    snakemake.params.labels,
+    snakemake.input.trials,
+    int(snakemake.wildcards.session),
+    snakemake.output[0],
+    StorageSettings.from_config(snakemake.params.storage),
+)

@@ -1,0 +1,20 @@
+"""Snakemake adapter: assemble a subject's ROI store from its per-session parts."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.roi import finish_store
+from nsdzarr.storage import StorageSettings
+
+run_job(
+    snakemake.log[0],
+    finish_store,
+    list(snakemake.input.parts),
+    snakemake.params.sessions,
+    snakemake.input.mask,
+    snakemake.params.labels,
+    snakemake.output[0],
+    StorageSettings.from_config(snakemake.params.storage),
+)

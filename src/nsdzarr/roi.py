@@ -1,0 +1,244 @@
+"""ROI-masked ``(trials x voxels)`` stores: masks, per-session parts, the finished group.
+
+Column order is nibabel's: ``np.argwhere(mask_xyz)``, i.e. ``volume.T[mask]`` of an h5py
+``(Z, Y, X)`` volume (the MindEye / brain-diffuser convention).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import zarr
+
+from nsdzarr import __version__
+from nsdzarr.atomic import atomic_output, remove_stale_temporaries
+from nsdzarr.errors import InputError, VerificationError
+from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.nifti import load_nifti
+from nsdzarr.storage import StorageSettings, create_trial_array
+
+TRIALS_PER_SESSION = 750
+BETA_SCALE = 300
+COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
+
+
+@dataclass(frozen=True)
+class RoiMask:
+    """Selected voxels of an atlas: NIfTI ``(i, j, k)`` coordinates, their labels, the grid."""
+
+    path: str
+    labels: tuple[int, ...]
+    voxels: np.ndarray  # (n, 3) int32, NIfTI (i, j, k), nibabel mask order
+    voxel_labels: np.ndarray  # (n,) int16
+    shape_xyz: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def zyx(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Index arrays into an h5py ``(Z, Y, X)`` volume, in column order."""
+        return self.voxels[:, 2], self.voxels[:, 1], self.voxels[:, 0]
+
+
+def load_roi_mask(
+    path: str | os.PathLike[str],
+    labels: list[int] | None,
+    volume_zyx: tuple[int, int, int] | None = None,
+) -> RoiMask:
+    """Voxels of ``path`` whose value is in ``labels`` (default: every value >= 1).
+
+    ``volume_zyx`` is the betas' h5py volume shape; the mask must be exactly its reverse.
+    """
+    img = load_nifti(path)
+    data = np.asarray(img.dataobj)
+    if data.ndim != 3:
+        raise InputError(path, f"ROI mask must be 3-D (X, Y, Z), got shape {data.shape}")
+    if volume_zyx is not None and tuple(data.shape) != tuple(volume_zyx)[::-1]:
+        raise InputError(
+            path,
+            f"mask shape {tuple(data.shape)} (X, Y, Z) does not match the betas volume "
+            f"{tuple(volume_zyx)} (Z, Y, X): expected {tuple(volume_zyx)[::-1]}",
+        )
+    if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
+        raise InputError(path, "ROI mask values must be integers (-1 outside brain, 0, labels)")
+    values = data.astype(np.int64)
+    present = sorted(int(v) for v in np.unique(values) if v >= 1)
+    if labels is None:
+        chosen = present
+    else:
+        missing = sorted(set(labels) - set(present))
+        if missing:
+            raise InputError(path, f"labels {missing} not in mask (present: {present})")
+        chosen = sorted(labels)
+    selected = np.isin(values, chosen) if chosen else np.zeros(values.shape, dtype=bool)
+    if not selected.any():
+        raise InputError(path, "ROI selection is empty: no voxel has a label >= 1")
+    voxels = np.argwhere(selected).astype(np.int32)
+    return RoiMask(
+        str(path),
+        tuple(chosen),
+        voxels,
+        values[selected].astype(np.int16),
+        tuple(int(n) for n in data.shape),
+        np.asarray(img.affine, dtype=float),
+    )
+
+
+def read_split(trials_tsv: str | os.PathLike[str], session: int) -> np.ndarray:
+    """``split`` of a session's 750 rows of ``trials.tsv``, in trial order."""
+    with open(trials_tsv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh, delimiter="\t") if int(r["session"]) == session]
+    if len(rows) != TRIALS_PER_SESSION:
+        raise InputError(trials_tsv, f"session {session} has {len(rows)} rows, expected 750")
+    rows.sort(key=lambda r: int(r["trial_in_session"]))
+    return np.array([r["split"] for r in rows])
+
+
+def session_stats(betas: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel mean and std (float32, population) over the rows where ``use`` is true."""
+    rows = betas[use].astype(np.float64)
+    return rows.mean(axis=0).astype(np.float32), rows.std(axis=0).astype(np.float32)
+
+
+def roi_settings(settings: StorageSettings) -> StorageSettings:
+    """ROI stores: the configured codec, one trial per chunk, shards that never span sessions."""
+    per_shard = (
+        settings.trials_per_shard if TRIALS_PER_SESSION % settings.trials_per_shard == 0 else 750
+    )
+    return StorageSettings(settings.codec, settings.level, 1, per_shard)
+
+
+def extract_session(
+    source: str | os.PathLike[str],
+    mask_path: str | os.PathLike[str],
+    labels: list[int] | None,
+    trials_tsv: str | os.PathLike[str],
+    session: int,
+    target: str | os.PathLike[str],
+    settings: StorageSettings,
+    stats_splits: tuple[str, ...] = ("train",),
+) -> None:
+    """Write one session's ROI rows, labels and statistics as a part store (later merged)."""
+    remove_stale_temporaries(target)
+    split = read_split(trials_tsv, session)
+    with SessionReader(source) as reader:
+        mask = load_roi_mask(mask_path, labels, tuple(reader.shape[1:]))
+        betas = reader.read_voxels(np.stack(mask.zyx, axis=1))
+    if betas.shape[0] != TRIALS_PER_SESSION:
+        raise InputError(source, f"session has {betas.shape[0]} trials, expected 750")
+    use = np.isin(split, stats_splits)
+    mean, std = session_stats(betas, use)
+    with atomic_output(target) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        arr = create_trial_array(
+            group, "betas", betas.shape, betas.dtype, roi_settings(settings), ("trial", "voxel")
+        )
+        arr[...] = betas
+        if not np.array_equal(arr[...], betas):
+            raise VerificationError(target, "written rows differ from the source voxels")
+        group.create_array("mean", data=mean[None], compressors=None)
+        group.create_array("std", data=std[None], compressors=None)
+        group.create_array("voxels", data=mask.voxels, compressors=None)
+        group.attrs.update({"session": session, "n_stats_trials": int(use.sum())})
+
+
+def finish_store(
+    parts: list[str | os.PathLike[str]],
+    sessions: list[int],
+    mask_path: str | os.PathLike[str],
+    labels: list[int] | None,
+    target: str | os.PathLike[str],
+    settings: StorageSettings,
+    stats_splits: tuple[str, ...] = ("train",),
+) -> None:
+    """Assemble per-session parts into the subject's ROI group by linking their shard files."""
+    remove_stale_temporaries(target)
+    mask = load_roi_mask(mask_path, labels)
+    n_vox = len(mask.voxels)
+    settings = roi_settings(settings)
+    shards_per_session = TRIALS_PER_SESSION // settings.trials_per_shard
+    with atomic_output(target) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        arr = create_trial_array(
+            group,
+            "betas",
+            (TRIALS_PER_SESSION * len(sessions), n_vox),
+            np.int16,
+            settings,
+            ("trial", "voxel"),
+        )
+        means, stds = [], []
+        for s, part in enumerate(parts):
+            pg = zarr.open_group(part, mode="r")
+            pb = pg["betas"]
+            if (
+                pb.shape != (TRIALS_PER_SESSION, n_vox)
+                or pb.shards != arr.shards
+                or pb.metadata.codecs != arr.metadata.codecs
+                or not np.array_equal(pg["voxels"][...], mask.voxels)
+            ):
+                raise InputError(part, "part does not match the ROI mask or layout; rerun it")
+            for i in range(shards_per_session):
+                src = Path(part) / "betas" / "c" / str(i) / "0"
+                dst = Path(tmp) / "betas" / "c" / str(s * shards_per_session + i) / "0"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(src, dst)
+            means.append(pg["mean"][0])
+            stds.append(pg["std"][0])
+        group.create_array("voxels", data=mask.voxels, dimension_names=("voxel", "ijk"))
+        group.create_array("label", data=mask.voxel_labels, dimension_names=("voxel",))
+        group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
+        group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
+        group.attrs.update(roi_attrs(mask, sessions, arr.shape, stats_splits))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def roi_attrs(
+    mask: RoiMask, sessions: list[int], shape: tuple[int, ...], stats_splits: tuple[str, ...]
+) -> dict[str, Any]:
+    """Group attributes: mask provenance, grid in both orders, scale, conventions, sessions."""
+    x, y, z = mask.shape_xyz
+    return {
+        "nsdzarr_version": __version__,
+        "mask_file": str(Path(mask.path).resolve()),
+        "labels": list(mask.labels),
+        "affine": mask.affine.tolist(),
+        "shape_nifti_xyz": [x, y, z],
+        "shape_hdf5_zyx": [z, y, x],
+        "scale": BETA_SCALE,
+        "units": "percent signal change x 300 (divide by scale for PSC)",
+        "column_order": COLUMN_ORDER,
+        "sessions": list(sessions),
+        "rows": "global trial order of the sessions listed, aligned 1:1 with trials.tsv",
+        "stats": f"mean/std per session per voxel over trials with split in {list(stats_splits)}",
+        "shape": list(shape),
+    }
+
+
+def to_nifti(
+    values: np.ndarray,
+    voxels: np.ndarray,
+    shape_xyz: tuple[int, int, int],
+    affine: np.ndarray,
+    fill: float = 0.0,
+) -> nib.Nifti1Image:
+    """Put ``(n_voxels,)`` or ``(k, n_voxels)`` values back on the subject's NIfTI grid."""
+    values = np.asarray(values)
+    if values.shape[-1] != len(voxels) or values.ndim not in (1, 2):
+        raise ValueError(f"values {values.shape} do not match {len(voxels)} voxels")
+    rows = values[None] if values.ndim == 1 else values
+    out = np.full((*shape_xyz, rows.shape[0]), fill, dtype=np.result_type(rows.dtype, np.float32))
+    out[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = rows.T
+    return nib.Nifti1Image(out[..., 0] if values.ndim == 1 else out, affine)

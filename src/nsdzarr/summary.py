@@ -1,0 +1,183 @@
+"""Summaries of the estimates: per session, per subject, dataset totals, requested vs measured."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from nsdzarr.atomic import atomic_output
+from nsdzarr.memory import MB
+
+SESSION_FILE = re.compile(r"(subj\d+)/estimates/session(\d+)\.json$")
+BENCH_FILE = re.compile(r"(subj\d+)/(\w+)/(?:(.+)_)?session(\d+)\.tsv$")
+COLUMNS = [
+    "subject",
+    "session",
+    "shape",
+    "raw_mb",
+    "float32_mb",
+    "source_mb",
+    "store_mb",
+    "store_files",
+    "convert_strategy",
+    "convert_mem_mb",
+    "max_job_mem_mb",
+]
+
+
+def session_rows(estimate_files: list[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """One summary row per session estimate file."""
+    rows = []
+    for path in sorted(map(str, estimate_files)):
+        m = SESSION_FILE.search(Path(path).as_posix())
+        est = json.loads(Path(path).read_text())
+        jobs = est["jobs"]
+        rows.append(
+            {
+                "subject": m[1] if m else "?",
+                "session": int(m[2]) if m else 0,
+                "shape": "x".join(map(str, est["source"]["shape"])),
+                "raw_mb": est["raw_bytes"] / MB,
+                "float32_mb": est["float32_bytes"] / MB,
+                "source_mb": est["source"]["file_bytes"] / MB,
+                "store_mb": est["store_bytes"] / MB,
+                "store_files": est["store_files"],
+                "convert_strategy": jobs["convert"]["strategy"],
+                "convert_mem_mb": jobs["convert"]["mem_mb"],
+                "max_job_mem_mb": max(j["mem_mb"] for j in jobs.values()),
+            }
+        )
+    return rows
+
+
+def totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per subject and whole-dataset totals: what naive loading costs vs what our jobs need."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["subject"], []).append(row)
+    groups["all"] = rows
+    return [
+        {
+            "scope": scope,
+            "sessions": len(rs),
+            "one_session_in_ram_mb": max(r["raw_mb"] for r in rs),
+            "all_sessions_int16_in_ram_mb": sum(r["raw_mb"] for r in rs),
+            "all_sessions_float32_in_ram_mb": sum(r["float32_mb"] for r in rs),
+            "source_mb": sum(r["source_mb"] for r in rs),
+            "stores_mb": sum(r["store_mb"] for r in rs),
+            "store_files": sum(r["store_files"] for r in rs),
+            "largest_job_request_mb": max(r["max_job_mem_mb"] for r in rs),
+        }
+        for scope, rs in groups.items()
+        if rs
+    ]
+
+
+def measured_peaks(
+    estimate_files: list[str | os.PathLike[str]], benchmark_files: list[str | os.PathLike[str]]
+) -> list[dict[str, Any]]:
+    """(job, requested mem_mb, measured max_rss MB) for every Snakemake benchmark file found."""
+    estimates = {}
+    for path in estimate_files:
+        m = SESSION_FILE.search(Path(path).as_posix())
+        if m:
+            estimates[(m[1], int(m[2]))] = json.loads(Path(path).read_text())["jobs"]
+    out = []
+    for path in sorted(map(str, benchmark_files)):
+        m = BENCH_FILE.search(Path(path).as_posix())
+        if not m:
+            continue
+        subject, rule, roi, session = m[1], m[2], m[3], int(m[4])
+        job = f"{rule}/{roi}" if roi else rule
+        jobs = estimates.get((subject, session), {})
+        with open(path, newline="") as fh:
+            bench = list(csv.DictReader(fh, delimiter="\t"))
+        if job not in jobs or not bench:
+            continue
+        out.append(
+            {
+                "job": f"{subject} {job} session{session:02d}",
+                "requested_mb": jobs[job]["mem_mb"],
+                "predicted_peak_mb": jobs[job]["peak_bytes"] / MB,
+                "measured_max_rss_mb": max(float(b["max_rss"]) for b in bench),
+            }
+        )
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-style Markdown table of dict rows."""
+    if not rows:
+        return "_none_\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tsv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write dict rows as TSV, atomically."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, delimiter="\t")
+        writer.writeheader()
+        writer.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
+
+
+def plot_requested_vs_measured(peaks: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """A PNG scatter of requested memory against measured peak RSS, one point per job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    if peaks:
+        req = [p["requested_mb"] for p in peaks]
+        got = [p["measured_max_rss_mb"] for p in peaks]
+        ax.scatter(got, req, s=18, label="jobs")
+        top = max(max(req), max(got)) * 1.1
+        ax.plot([0, top], [0, top], "k--", lw=1, label="request = measured")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.legend(loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no benchmark files yet", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("measured peak RSS of the job's script (MB, Snakemake benchmark)")
+    ax.set_ylabel("requested mem_mb (incl. Snakemake's own processes)")
+    ax.set_title("Memory requested vs measured per job")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_summary(
+    estimate_files: list[str | os.PathLike[str]],
+    benchmark_files: list[str | os.PathLike[str]],
+    out_tsv: str | os.PathLike[str],
+    out_md: str | os.PathLike[str],
+    out_png: str | os.PathLike[str],
+) -> None:
+    """Write the estimates table (TSV), its Markdown report and the requested-vs-measured plot."""
+    rows = session_rows(estimate_files)
+    peaks = measured_peaks(estimate_files, benchmark_files)
+    write_tsv(rows, out_tsv)
+    text = (
+        "# Size and memory estimates\n\n## Totals\n\n"
+        + markdown_table(totals(rows))
+        + "\n## Sessions\n\n"
+        + markdown_table(rows)
+        + "\n## Requested vs measured peak memory per job\n\n"
+        + markdown_table(peaks)
+    )
+    with atomic_output(out_md) as tmp:
+        Path(tmp).write_text(text)
+    plot_requested_vs_measured(peaks, out_png)

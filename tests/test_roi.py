@@ -1,0 +1,137 @@
+"""ROI stores: orientation, labels, statistics, back-projection, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from nsdzarr import layout
+from nsdzarr.demo import DemoSpec
+from nsdzarr.errors import InputError
+from nsdzarr.roi import extract_session, finish_store, load_roi_mask, to_nifti
+from nsdzarr.storage import StorageSettings
+from nsdzarr.trials import write_trial_tables
+
+SPEC = DemoSpec()
+
+
+def roi_file(root: Path, name: str = "nsdgeneral.nii.gz") -> Path:
+    return layout.roi_path(root, "subj01", SPEC.space, name)
+
+
+def betas_file(root: Path, session: int) -> Path:
+    return layout.betas_path(root, "subj01", SPEC.space, SPEC.beta_version, session)
+
+
+@pytest.fixture(scope="module")
+def trials_tsv(demo_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trials")
+    write_trial_tables(
+        layout.design_path(demo_root),
+        "subj01",
+        [1, 2, 3],
+        out / "trials.tsv",
+        out / "trials.json",
+        out / "images.tsv",
+    )
+    return out / "trials.tsv"
+
+
+def test_columns_follow_nibabel_mask_order(demo_root: Path):
+    mask = load_roi_mask(roi_file(demo_root), None, (16, 24, 20))
+    atlas = np.asarray(nib.load(roi_file(demo_root)).dataobj)
+    with h5py.File(betas_file(demo_root, 1), "r") as f:
+        vol = f["betas"][7]  # h5py (Z, Y, X)
+    # MindEye: volume.T[mask] with the nibabel (X, Y, Z) mask
+    np.testing.assert_array_equal(vol[mask.zyx], vol.T[atlas >= 1])
+    np.testing.assert_array_equal(mask.voxels, np.argwhere(atlas >= 1))
+
+
+def test_labels_select_their_voxels(demo_root: Path):
+    atlas = np.asarray(nib.load(roi_file(demo_root, "prf-visualrois.nii.gz")).dataobj)
+    mask = load_roi_mask(roi_file(demo_root, "prf-visualrois.nii.gz"), [1, 2])
+    assert len(mask.voxels) == np.isin(atlas, [1, 2]).sum()
+    assert set(mask.voxel_labels.tolist()) == {1, 2}
+    assert mask.labels == (1, 2)
+
+
+def test_session_rows_equal_the_source_and_stats_use_train_trials(
+    demo_root: Path, trials_tsv: Path, tmp_path: Path
+):
+    settings = StorageSettings()
+    parts = []
+    for s in (1, 2, 3):
+        part = tmp_path / f"part{s}.zarr"
+        extract_session(
+            betas_file(demo_root, s), roi_file(demo_root), None, trials_tsv, s, part, settings
+        )
+        parts.append(part)
+    target = tmp_path / "nsdgeneral.zarr"
+    finish_store(parts, [1, 2, 3], roi_file(demo_root), None, target, settings)
+    group = zarr.open_group(target, mode="r")
+    mask = load_roi_mask(roi_file(demo_root), None)
+    betas = group["betas"][...]
+    assert betas.shape == (2250, len(mask.voxels)) and betas.dtype == np.int16
+    with open(trials_tsv, newline="") as fh:
+        split = np.array([r["split"] for r in csv.DictReader(fh, delimiter="\t")])
+    for s in (1, 2, 3):
+        with h5py.File(betas_file(demo_root, s), "r") as f:
+            source = f["betas"][...]
+        rows = betas[(s - 1) * 750 : s * 750]
+        np.testing.assert_array_equal(
+            rows, source.T[np.asarray(nib.load(roi_file(demo_root)).dataobj) >= 1].T
+        )
+        train = rows[split[(s - 1) * 750 : s * 750] == "train"].astype(np.float64)
+        np.testing.assert_allclose(group["mean"][s - 1], train.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(group["std"][s - 1], train.std(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(group["voxels"][...], mask.voxels)
+    attrs = group.attrs.asdict()
+    assert attrs["sessions"] == [1, 2, 3] and attrs["scale"] == 300
+    assert attrs["shape_nifti_xyz"] == [20, 24, 16] and attrs["shape_hdf5_zyx"] == [16, 24, 20]
+    # a session never shares a shard with another
+    assert 750 % group["betas"].shards[0] == 0
+
+
+def test_back_projection_round_trips(demo_root: Path):
+    mask = load_roi_mask(roi_file(demo_root), None)
+    values = np.arange(len(mask.voxels), dtype=np.float32)
+    img = to_nifti(values, mask.voxels, mask.shape_xyz, mask.affine)
+    atlas = np.asarray(nib.load(roi_file(demo_root)).dataobj)
+    assert img.shape == mask.shape_xyz
+    np.testing.assert_array_equal(np.asarray(img.dataobj)[atlas >= 1], values)
+    stacked = to_nifti(np.stack([values, -values]), mask.voxels, mask.shape_xyz, mask.affine)
+    assert stacked.shape == (*mask.shape_xyz, 2)
+    np.testing.assert_array_equal(np.asarray(stacked.dataobj)[..., 1][atlas >= 1], -values)
+
+
+def _write_mask(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_mask", "labels", "problem"),
+    [
+        (lambda: np.zeros((16, 24, 20)), None, "does not match the betas volume"),  # reversed order
+        (lambda: np.full((20, 24, 16), -1), None, "ROI selection is empty"),
+        (lambda: np.ones((20, 24, 16)), [5], "labels [5] not in mask"),
+    ],
+)
+def test_bad_masks_give_one_line_and_no_store(
+    demo_root: Path, trials_tsv: Path, tmp_path: Path, make_mask, labels, problem
+):
+    mask = _write_mask(tmp_path / "mask.nii.gz", make_mask())
+    target = tmp_path / "out" / "part.zarr"
+    with pytest.raises(InputError) as err:
+        extract_session(
+            betas_file(demo_root, 1), mask, labels, trials_tsv, 1, target, StorageSettings()
+        )
+    assert str(err.value).startswith(str(mask)) and problem in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not target.exists() and not list(target.parent.glob(".*"))

@@ -1,0 +1,139 @@
+"""The demo on a real single-node SLURM cluster: memory requests come from the estimates.
+
+Needs `bash tests/slurm/cluster.sh install && bash tests/slurm/cluster.sh start` (root); CI
+does that and sets NSDZARR_REQUIRE_SLURM=1 so that these tests fail instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, default_config, run_snakemake
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+SUBMITTED = re.compile(
+    r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+?)/([^/]*)/\d+\.log\)"
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _cluster_up() -> bool:
+    return subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """A running local cluster, started here if its packages are installed."""
+    required = os.environ.get("NSDZARR_REQUIRE_SLURM") == "1"
+    if not _cluster_up() and shutil.which("slurmctld") and os.geteuid() == 0:
+        subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, timeout=180)
+    if not _cluster_up():
+        reason = "no local SLURM cluster (run: bash tests/slurm/cluster.sh install && ... start)"
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def sacct(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Accounting rows per job id (the job line and its steps), polled until all are final."""
+    fields = ["JobID", "State", "ReqMem", "MaxRSS"]
+    deadline = time.monotonic() + 60
+    while True:
+        out = subprocess.run(
+            ["sacct", "-P", "-n", "-j", ",".join(job_ids), "-o", ",".join(fields)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rows: dict[str, list[dict[str, str]]] = {}
+        for line in out.splitlines():
+            row = dict(zip(fields, line.split("|"), strict=True))
+            rows.setdefault(row["JobID"].split(".")[0], []).append(row)
+        done = all(
+            j in rows and not any(r["State"] in ("PENDING", "RUNNING") for r in rows[j])
+            for j in job_ids
+        )
+        if done or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def to_mb(value: str) -> float:
+    """sacct memory ('1200M', '77712K', '2G') in MiB."""
+    if not value:
+        return 0.0
+    units = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+    return float(value[:-1]) * units[value[-1]] if value[-1] in units else float(value) / 2**20
+
+
+def submitted_jobs(output: str) -> list[tuple[str, str, str]]:
+    """(slurm job id, rule, wildcard string) of every submission in a Snakemake log."""
+    return SUBMITTED.findall(output)
+
+
+def expected_mem(workdir: Path, rule: str, wildcards: str) -> int | None:
+    """The mem_mb the estimate of that job's session asks for (None for rules without one)."""
+    session = re.search(r"session=(\d+)", wildcards)
+    subject = re.search(r"subject=(subj\d+)", wildcards)
+    if rule not in ("convert", "roi_session") or not session or not subject:
+        return None
+    est = json.loads(
+        (workdir / f"results/{subject[1]}/estimates/session{session[1]}.json").read_text()
+    )
+    roi = re.search(r"roi=([\w-]+)", wildcards)
+    job = "convert" if rule == "convert" else f"roi_session/{roi[1]}"
+    return est["jobs"][job]["mem_mb"]
+
+
+def run_on_slurm(workdir: Path, config: dict, *targets: str) -> str:
+    proc = run_snakemake(
+        workdir,
+        "--workflow-profile",
+        str(REPO / "profiles" / "slurm"),
+        "--jobs",
+        "2",
+        *targets,
+        config=config,
+        timeout=1500,
+    )
+    return proc.stdout + proc.stderr
+
+
+def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
+    output = run_on_slurm(tmp_path, default_config())
+    jobs = submitted_jobs(output)
+    rules = {rule for _id, rule, _wc in jobs}
+    assert {"estimate", "convert", "roi_session"} <= rules, output[-3000:]
+    accounting = sacct([job_id for job_id, _rule, _wc in jobs])
+    for job_id, rule, wildcards in jobs:
+        rows = accounting[job_id]
+        job_row = rows[0]
+        assert job_row["State"] == "COMPLETED", (rule, wildcards, rows)
+        requested = to_mb(job_row["ReqMem"])
+        expected = expected_mem(tmp_path, rule, wildcards)
+        if expected is not None:
+            assert requested == expected, (rule, wildcards, requested, expected)
+        steps_rss = [to_mb(r["MaxRSS"]) for r in rows[1:]]
+        assert max(steps_rss) < requested, (rule, wildcards, rows)
+        assert sum(steps_rss) < requested, (rule, wildcards, rows)
+
+
+def test_underestimate_is_killed_then_retried_with_more_memory(slurm, tmp_path: Path):
+    config = {**default_config(), "memory": {"ceiling_mb": 16000, "factor": 0.5}}
+    output = run_on_slurm(tmp_path, config, "results/subj01/betas/session01.zarr")
+    jobs = [(j, w) for j, rule, w in submitted_jobs(output) if rule == "convert"]
+    assert len(jobs) == 2, output[-3000:]
+    accounting = sacct([j for j, _w in jobs])
+    first, second = (accounting[j] for j, _w in jobs)
+    assert any(r["State"] == "OUT_OF_MEMORY" for r in first), first
+    assert second[0]["State"] == "COMPLETED", second
+    assert to_mb(second[0]["ReqMem"]) == 2 * to_mb(first[0]["ReqMem"])
+    assert (tmp_path / "results/subj01/betas/session01.zarr/zarr.json").exists()
