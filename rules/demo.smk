@@ -13,7 +13,7 @@ rule demo_dataset:
     conda:
         "../envs/nsdzarr.yaml"
     params:
-        root=NSD_ROOT,
+        root=lambda wildcards, output: layout.root_of_design(output[0]),
         spec=lambda wildcards: vars(demo_spec()),
     script:
         "../scripts/demo_dataset.py"

@@ -17,7 +17,7 @@ import zarr
 from conftest import REPO
 
 from nsdzarr import layout
-from nsdzarr.convert import checksum_weights, convert_session, trial_checksums, verify_store
+from nsdzarr.convert import convert_session, plane_checksums, verify_store
 from nsdzarr.demo import DemoSpec, affine, write_betas_hdf5
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.memory import plan_conversion
@@ -88,15 +88,18 @@ def test_verification_catches_a_changed_value(demo_root: Path, tmp_path: Path):
     convert_session(demo_session(demo_root), tmp_path / "v.zarr")
     group = zarr.open_group(tmp_path / "v.zarr", mode="r+")
     betas = group["betas"]
-    weights = checksum_weights(int(np.prod(betas.shape[1:])))
-    expected = group["trial_checksums"][...]
-    verify_store(betas, expected, weights, tmp_path / "v.zarr")  # intact: passes
-    np.testing.assert_array_equal(trial_checksums(betas[:50], weights), expected[:50])
+    expected = group["plane_checksums"][...]
+    assert expected.shape == (750, 16)
+    verify_store(betas, expected, tmp_path / "v.zarr")  # intact: passes
+    np.testing.assert_array_equal(plane_checksums(betas[:50]), expected[:50])
+    # the same values moved to another voxel of the plane must be caught too
+    plane = betas[200, 8]
+    betas[200, 8] = np.roll(plane, 1, axis=1)
     betas[123, 8, 12, 10] = betas[123, 8, 12, 10] + 1
     with pytest.raises(
-        VerificationError, match=r"v\.zarr: store differs from its source at trials \[123\]"
+        VerificationError, match=r"v\.zarr: store differs from its source at trials \[123, 200\]"
     ):
-        verify_store(betas, expected, weights, tmp_path / "v.zarr")
+        verify_store(betas, expected, tmp_path / "v.zarr")
 
 
 @pytest.mark.parametrize(

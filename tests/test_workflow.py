@@ -114,7 +114,7 @@ def test_missing_root_is_one_clear_line(tmp_path: Path):
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
     assert proc.returncode != 0
     folder = "nowhere/nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
-    assert f"{folder}: betas folder not found" in proc.stderr
+    assert f"{folder}: betas folder not found" in proc.stdout + proc.stderr
 
 
 def test_readme_quickstart_matches_ci():

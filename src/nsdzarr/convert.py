@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -42,19 +43,15 @@ class ConversionReport:
     store_files: int
 
 
-def checksum_weights(n_voxels: int) -> np.ndarray:
-    """Fixed per-voxel weights, so a checksum also sees values that moved to another voxel."""
-    return (np.arange(n_voxels, dtype=np.float64) % 1021) + 1
+def plane_checksums(block: np.ndarray) -> np.ndarray:
+    """CRC32C of every ``(trial, z-plane)`` of a ``(trials, planes, Y, X)`` block.
 
-
-def trial_checksums(block: np.ndarray, weights: np.ndarray, rows: int = 8) -> np.ndarray:
-    """Per-trial ``(sum, weighted sum)`` of a ``(trials, ...)`` block, exact in float64."""
-    flat = block.reshape(block.shape[0], -1)
-    out = np.empty((flat.shape[0], 2), dtype=np.float64)
-    for r0 in range(0, flat.shape[0], rows):
-        part = flat[r0 : r0 + rows].astype(np.float64)
-        out[r0 : r0 + rows, 0] = part.sum(axis=1)
-        out[r0 : r0 + rows, 1] = part @ weights
+    Exact, sensitive to position, and the same whichever way the session was read.
+    """
+    out = np.empty(block.shape[:2], dtype=np.uint32)
+    for t in range(block.shape[0]):
+        for z in range(block.shape[1]):
+            out[t, z] = google_crc32c.value(block[t, z].tobytes())
     return out
 
 
@@ -74,9 +71,9 @@ def source_attrs(source: Path) -> dict[str, Any]:
     return {"path": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _write_in_memory(reader: SessionReader, arr: zarr.Array, weights: np.ndarray) -> np.ndarray:
+def _write_in_memory(reader: SessionReader, arr: zarr.Array) -> np.ndarray:
     data = reader.read_all()
-    sums = trial_checksums(data, weights)
+    sums = plane_checksums(data)
     for t0, t1 in trial_blocks(data.shape[0], arr.shards[0]):
         arr[t0:t1] = data[t0:t1]
     return sums
@@ -85,15 +82,13 @@ def _write_in_memory(reader: SessionReader, arr: zarr.Array, weights: np.ndarray
 def _write_by_slabs(
     reader: SessionReader,
     arr: zarr.Array,
-    weights: np.ndarray,
     planes: int,
     scratch_dir: str,
 ) -> np.ndarray:
     """Rechunk voxel slabs to trial blocks through a scratch store, whole shards at a time."""
     n_trials, n_z = arr.shape[:2]
-    plane_voxels = int(np.prod(arr.shape[2:]))
     block = arr.shards[0]
-    sums = np.zeros((n_trials, 2), dtype=np.float64)
+    sums = np.empty((n_trials, n_z), dtype=np.uint32)
     with tempfile.TemporaryDirectory(dir=scratch_dir, prefix="nsdzarr-rechunk-") as tmp:
         scratch = zarr.create_array(
             tmp,
@@ -106,7 +101,7 @@ def _write_by_slabs(
         for z0 in range(0, n_z, planes):
             z1 = min(z0 + planes, n_z)
             slab = reader.read_planes(z0, z1)
-            sums += trial_checksums(slab, weights[z0 * plane_voxels : z1 * plane_voxels])
+            sums[:, z0:z1] = plane_checksums(slab)
             scratch[:, z0:z1] = slab
             del slab
         for t0, t1 in trial_blocks(n_trials, block):
@@ -114,15 +109,14 @@ def _write_by_slabs(
     return sums
 
 
-def verify_store(arr: zarr.Array, expected: np.ndarray, weights: np.ndarray, target: Path) -> None:
-    """Re-read every shard, compare per-trial checksums with the source's, raise on a difference."""
+def verify_store(arr: zarr.Array, expected: np.ndarray, target: Path) -> None:
+    """Re-read every shard, compare plane checksums with the source's, raise on a difference."""
+    bad: list[int] = []
     for t0, t1 in trial_blocks(arr.shape[0], arr.shards[0]):
-        got = trial_checksums(arr[t0:t1], weights)
-        bad = np.flatnonzero(np.any(got != expected[t0:t1], axis=1))
-        if bad.size:
-            raise VerificationError(
-                target, f"store differs from its source at trials {(bad + t0).tolist()[:10]}"
-            )
+        got = plane_checksums(arr[t0:t1])
+        bad += (np.flatnonzero(np.any(got != expected[t0:t1], axis=1)) + t0).tolist()
+    if bad:
+        raise VerificationError(target, f"store differs from its source at trials {bad[:10]}")
 
 
 def convert_session(
@@ -154,19 +148,20 @@ def convert_session(
         elif strategy == "in-memory":
             plan = ConversionPlan("in-memory", shape[1], plan.peak_bytes)
         log.info("converting %s %s %s with plan %s", source, shape, dtype, plan)
-        weights = checksum_weights(int(np.prod(shape[1:])))
         with atomic_output(target) as tmp:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arr = create_trial_array(group, "betas", shape, dtype, settings, AXES)
             if plan.strategy == "in-memory":
-                sums = _write_in_memory(reader, arr, weights)
+                sums = _write_in_memory(reader, arr)
             else:
                 # scratch defaults to inside the unfinished store, so a killed job's scratch
                 # goes with it when the next run removes stale temporaries
                 scratch = scratch_dir or str(tmp)
-                sums = _write_by_slabs(reader, arr, weights, plan.planes_per_slab, scratch)
-            verify_store(arr, sums, weights, target)
-            group.create_array("trial_checksums", data=sums, compressors=None)
+                sums = _write_by_slabs(reader, arr, plan.planes_per_slab, scratch)
+            verify_store(arr, sums, target)
+            group.create_array(
+                "plane_checksums", data=sums, compressors=None, dimension_names=("trial", "z")
+            )
             group.attrs.update(
                 session_attrs(source, shape, dtype, settings, affine, reader.strategy)
             )
@@ -208,5 +203,5 @@ def session_attrs(
         "nifti_relation": "betas[t] == nifti[..., t].T: (z, y, x) here is NIfTI (x, y, z) reversed",
         "affine": None if affine is None else np.asarray(affine, dtype=float).tolist(),
         "storage": asdict(settings),
-        "trial_checksums": "per trial: sum, and sum of value x (flat voxel index % 1021 + 1)",
+        "plane_checksums": "CRC32C of the raw little-endian bytes of each (trial, z) plane",
     }

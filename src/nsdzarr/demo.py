@@ -208,3 +208,36 @@ def write_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> list[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_nifti_gz(path, vol, aff)
     return demo_files(root, spec)
+
+
+def write_synthetic_session(
+    path: str | Path,
+    shape_zyx: tuple[int, int, int] = (83, 104, 81),
+    n_trials: int = TRIALS_PER_SESSION,
+    seed: int = 0,
+    brain_fraction: float = 0.38,
+) -> Path:
+    """A real-size NSD-layout session for benchmarks: noise x 300 inside an ellipsoid brain.
+
+    Written z-slab by z-slab, so memory stays near one slab even for a 1 mm volume.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    radius2 = (brain_fraction / (4 / 3 * np.pi / 8)) ** (2 / 3)
+    brain = sum(g**2 for g in grids) <= radius2
+    rng = np.random.default_rng(seed)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        d = f.create_dataset(
+            "betas",
+            shape=(n_trials, *shape_zyx),
+            dtype=np.int16,
+            chunks=(n_trials, 1, 1, 1),
+            track_times=False,
+        )
+        for z in range(shape_zyx[0]):
+            plane = np.zeros((n_trials, *shape_zyx[1:]), dtype=np.int16)
+            n = int(brain[z].sum())
+            plane[:, brain[z]] = np.round(rng.standard_normal((n_trials, n)) * 300).astype(np.int16)
+            d[:, z] = plane
+    return path

@@ -25,6 +25,11 @@ def design_path(root: str | Path) -> Path:
     return Path(root) / "nsddata" / "experiments" / "nsd" / "nsd_expdesign.mat"
 
 
+def root_of_design(design: str | Path) -> Path:
+    """The release folder that holds ``design`` at its standard place (inverse of design_path)."""
+    return Path(design).parents[3]
+
+
 def stim_info_path(root: str | Path) -> Path:
     """``{root}/nsddata/experiments/nsd/nsd_stim_info_merged.csv`` (optional input)."""
     return Path(root) / "nsddata" / "experiments" / "nsd" / "nsd_stim_info_merged.csv"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,10 @@ def session_stats(betas: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def roi_settings(settings: StorageSettings) -> StorageSettings:
     """ROI stores: the configured codec, one trial per chunk, shards that never span sessions."""
-    per_shard = (
-        settings.trials_per_shard if TRIALS_PER_SESSION % settings.trials_per_shard == 0 else 750
-    )
-    return StorageSettings(settings.codec, settings.level, 1, per_shard)
+    per_shard = settings.trials_per_shard
+    if TRIALS_PER_SESSION % per_shard:
+        per_shard = TRIALS_PER_SESSION
+    return replace(settings, trials_per_chunk=1, trials_per_shard=per_shard)
 
 
 def extract_session(

@@ -11,20 +11,26 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd")
+SHUFFLES = {"shuffle": 1, "bitshuffle": 2, "noshuffle": 0}
 
 
 @dataclass(frozen=True)
 class StorageSettings:
     """Codec and trial blocking of a store; mirrors the ``storage`` config section."""
 
-    codec: str = "blosc-zstd"
+    codec: str = "zstd"
     level: int = 1
+    shuffle: str = "shuffle"
     trials_per_chunk: int = 1
     trials_per_shard: int = 50
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(
+                f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}"
+            )
         if self.trials_per_shard % self.trials_per_chunk:
             raise ValueError("trials_per_chunk must divide trials_per_shard")
 
@@ -39,7 +45,9 @@ def zarr_compressor(settings: StorageSettings, itemsize: int) -> Any:
     if settings.codec == "zstd":
         return ZstdCodec(level=settings.level)
     cname = settings.codec.removeprefix("blosc-")
-    return BloscCodec(cname=cname, clevel=settings.level, shuffle="shuffle", typesize=itemsize)
+    return BloscCodec(
+        cname=cname, clevel=settings.level, shuffle=settings.shuffle, typesize=itemsize
+    )
 
 
 def numcodecs_compressor(settings: StorageSettings, itemsize: int) -> numcodecs.abc.Codec:
@@ -47,7 +55,7 @@ def numcodecs_compressor(settings: StorageSettings, itemsize: int) -> numcodecs.
     if settings.codec == "zstd":
         return numcodecs.Zstd(level=settings.level)
     cname = settings.codec.removeprefix("blosc-")
-    return numcodecs.Blosc(cname=cname, clevel=settings.level, shuffle=numcodecs.Blosc.SHUFFLE)
+    return numcodecs.Blosc(cname=cname, clevel=settings.level, shuffle=SHUFFLES[settings.shuffle])
 
 
 def trial_blocks(n_trials: int, trials_per_shard: int) -> list[tuple[int, int]]:
