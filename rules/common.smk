@@ -7,14 +7,12 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from nsdzarr import layout  # noqa: E402
-from nsdzarr.demo import DemoSpec, demo_files  # noqa: E402
-from nsdzarr.errors import InputError  # noqa: E402
-from nsdzarr.estimate import (
-    estimate_job_mem_mb,
-    job_mem_mb,
-    job_runtime_min,
-)  # noqa: E402
+# Only light modules here: every Snakemake process, also the one inside each SLURM job,
+# imports them, and their memory counts against the job's request.
+from nsdzarr import layout
+from nsdzarr.errors import InputError
+from nsdzarr.layout import DemoSpec, demo_files
+from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
 
 validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
 

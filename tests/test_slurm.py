@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
     rules = {rule for _id, rule, _wc in jobs}
     assert {"estimate", "convert", "roi_session"} <= rules, output[-3000:]
     accounting = sacct([job_id for job_id, _rule, _wc in jobs])
+    ratios = []
     for job_id, rule, wildcards in jobs:
         rows = accounting[job_id]
         job_row = rows[0]
@@ -124,6 +126,10 @@ def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
         steps_rss = [to_mb(r["MaxRSS"]) for r in rows[1:]]
         assert max(steps_rss) < requested, (rule, wildcards, rows)
         assert sum(steps_rss) < requested, (rule, wildcards, rows)
+        ratios.append(requested / sum(steps_rss))
+    # requests close to what the jobs used: median <= 1.3x, none above 2x
+    print("request / measured per job:", sorted(round(r, 2) for r in ratios))
+    assert statistics.median(ratios) <= 1.3 and max(ratios) <= 2.0, ratios
 
 
 def test_underestimate_is_killed_then_retried_with_more_memory(slurm, tmp_path: Path):

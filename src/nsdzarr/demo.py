@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -13,6 +12,7 @@ import scipy.io
 
 from nsdzarr import layout
 from nsdzarr.atomic import atomic_output
+from nsdzarr.layout import ROI_FILES, DemoSpec, demo_files
 
 TRIALS_PER_SESSION = 750
 N_SUBJECTS = 8
@@ -25,19 +25,6 @@ SLOTS_PER_RUN = 75
 BETA_SCALE = 300  # int16 betas are percent signal change x 300
 VOXEL_MM = 1.8
 VISUAL_ROI_LABELS = ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4")
-ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """What to generate: subjects, sessions per subject, NIfTI (X, Y, Z) volume, seed."""
-
-    subjects: tuple[str, ...] = ("subj01",)
-    sessions: int = 3
-    shape_xyz: tuple[int, int, int] = (20, 24, 16)
-    space: str = "func1pt8mm"
-    beta_version: str = "betas_fithrf_GLMdenoise_RR"
-    seed: int = 0
 
 
 def run_lengths() -> list[int]:
@@ -177,20 +164,9 @@ def write_nifti_gz(path: Path, data: np.ndarray, aff: np.ndarray) -> None:
         gz.write(img.to_bytes())
 
 
-def demo_files(root: str | Path, spec: DemoSpec) -> list[Path]:
-    """Every file :func:`write_demo` creates under ``root``."""
-    files = [layout.design_path(root), layout.stim_info_path(root)]
-    for subject in spec.subjects:
-        files += [
-            layout.betas_path(root, subject, spec.space, spec.beta_version, s)
-            for s in range(1, spec.sessions + 1)
-        ]
-        files += [layout.roi_path(root, subject, spec.space, name) for name in ROI_FILES]
-    return files
-
-
-def write_demo(root: str | Path, spec: DemoSpec = DemoSpec()) -> list[Path]:
+def write_demo(root: str | Path, spec: DemoSpec | None = None) -> list[Path]:
     """Generate the miniature NSD release under ``root``; deterministic for a given spec."""
+    spec = spec or DemoSpec()
     design = make_design(spec.seed)
     design_file = layout.design_path(root)
     design_file.parent.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.atomic import atomic_output
-from nsdzarr.hdf5_read import betas_dataset
+from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.memory import (
-    BASELINE_BYTES,
     MB,
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
@@ -23,9 +22,9 @@ from nsdzarr.memory import (
     roi_session_peak,
 )
 from nsdzarr.nifti import load_nifti
+from nsdzarr.resources import SAMPLE_PLANES
 from nsdzarr.storage import StorageSettings, numcodecs_compressor, trial_blocks
 
-SAMPLE_PLANES = 4
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
 STORE_EXTRA_FILES = 4
@@ -36,10 +35,12 @@ MIN_RUNTIME_MIN = 5
 
 def sample_compression_ratio(path: str | os.PathLike[str], settings: StorageSettings) -> float:
     """Raw/compressed ratio of the configured codec on a few evenly spaced z-planes."""
-    with betas_dataset(path) as dset:
-        n_trials, n_z = dset.shape[:2]
+    with SessionReader(path) as reader:
+        n_trials, n_z = reader.shape[:2]
         planes = np.unique(np.linspace(0, n_z - 1, SAMPLE_PLANES + 2).round().astype(int)[1:-1])
-        sample = np.stack([dset[:, int(z)] for z in planes], axis=1)  # (T, p, Y, X)
+        sample = np.empty((n_trials, len(planes), *reader.shape[2:]), reader.dtype)
+        for i, z in enumerate(planes.tolist()):
+            sample[:, i] = reader.read_planes(z, z + 1)[:, 0]
     codec = numcodecs_compressor(settings, sample.dtype.itemsize)
     rows = np.linspace(0, n_trials - 1, min(SAMPLE_TRIALS, n_trials)).round().astype(int)
     raw = compressed = 0
@@ -128,30 +129,6 @@ def write_session_estimate(
     with atomic_output(target) as tmp:
         Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")
     return estimate
-
-
-def job_mem_mb(
-    estimate_json: str | os.PathLike[str], job: str, attempt: int = 1, ceiling_mb: int | None = None
-) -> int:
-    """``mem_mb`` to request for ``job`` on try ``attempt``, capped by the ceiling."""
-    mem = json.loads(Path(estimate_json).read_text())["jobs"][job]["mem_mb"] * attempt
-    return min(mem, ceiling_mb) if ceiling_mb else mem
-
-
-def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: int = 1) -> int:
-    """``runtime`` in minutes to request for ``job`` on try ``attempt``."""
-    return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
-
-
-def estimate_job_mem_mb(source: str | os.PathLike[str], factor: float = 1.0) -> int:
-    """``mem_mb`` of the estimate job itself: the sampled planes, from the HDF5 header only."""
-    try:
-        shape = session_metadata(source)["shape"]
-        itemsize = 8  # the sample is read as stored, then copied; count it generously
-        sample = (SAMPLE_PLANES + 1) * shape[0] * math.prod(shape[2:]) * itemsize
-    except Exception:  # the job itself reports a bad file with a one-line error
-        sample = 0
-    return request_mb(BASELINE_BYTES + sample, factor)
 
 
 def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None) -> int:

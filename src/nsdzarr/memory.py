@@ -10,18 +10,21 @@ from dataclasses import dataclass
 
 MB = 1024**2
 
-# Interpreter + numpy/h5py/zarr/numcodecs/scipy/nibabel imported (measured 76 MB) plus the
-# zarr event loop and thread pools once running.
-BASELINE_BYTES = 110 * MB
-# Snakemake's own processes inside a SLURM allocation: the batch step (~130 MB) and the job
-# step (~125 MB) that runs the script (shared/notes/slurm-local-cluster.md, sacct MaxRSS).
-SNAKEMAKE_JOB_BYTES = 260 * MB
-# Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask).
+# Interpreter, libraries, zarr's event loop and threads: the smallest baseline under which
+# benchmarks/calibrate_memory.py finds no job under-predicted (111 MB), plus a margin.
+BASELINE_BYTES = 120 * MB
+# Snakemake's own processes inside a SLURM allocation: the batch step and the job step that
+# runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch ~155 MB + job step
+# ~140 MB beside the script; sums of RSS count shared pages twice, so this is on the safe side.
+SNAKEMAKE_JOB_BYTES = 300 * MB
+# Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask) and their parsing.
 INDEX_BYTES_PER_CHUNK = 40
+# The reader's block buffer and transpose scratch (hdf5_read.DEFAULT_BUFFER_BYTES).
+READ_BUFFER_BYTES = 64 * MB
 # Encoding one shard holds its raw block, the encoded inner chunks and the assembled shard.
 SHARD_WORK_FACTOR = 2.5
-# Trials summed at once when computing per-trial checksums in float64.
-CHECKSUM_ROWS = 8
+# Rows converted to float64 at once for the ROI statistics.
+STATS_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def _common_bytes(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) 
         BASELINE_BYTES
         + voxels * INDEX_BYTES_PER_CHUNK
         + int(SHARD_WORK_FACTOR * shard)
-        + CHECKSUM_ROWS * voxels * 8
+        + min(READ_BUFFER_BYTES, math.prod(shape) * itemsize)  # pages touched, not reserved
     )
 
 
@@ -89,10 +92,13 @@ def roi_session_peak(
     """Peak RSS of extracting one session's ROI voxels and their statistics."""
     n_trials = shape[0]
     voxels = math.prod(shape[1:])
-    rows = n_trials * n_roi_voxels
+    rows = n_trials * n_roi_voxels * itemsize
     return (
         BASELINE_BYTES
-        + (voxels * INDEX_BYTES_PER_CHUNK if uses_chunk_index else 0)
+        + (voxels * (INDEX_BYTES_PER_CHUNK + 8) if uses_chunk_index else 0)  # index + lookup
+        + min(READ_BUFFER_BYTES, rows)
         + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
-        + rows * (2 * itemsize + 8)  # rows read, rows read back to verify, float64 for stats
+        + 3 * rows  # rows as read in file order, in column order, and read back to verify
+        + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics
+        + int(SHARD_WORK_FACTOR * min(50, n_trials) * n_roi_voxels * itemsize)
     )

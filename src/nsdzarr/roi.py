@@ -21,6 +21,7 @@ from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.memory import STATS_ROWS
 from nsdzarr.nifti import load_nifti
 from nsdzarr.storage import StorageSettings, create_trial_array
 
@@ -100,10 +101,24 @@ def read_split(trials_tsv: str | os.PathLike[str], session: int) -> np.ndarray:
     return np.array([r["split"] for r in rows])
 
 
-def session_stats(betas: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-voxel mean and std (float32, population) over the rows where ``use`` is true."""
-    rows = betas[use].astype(np.float64)
-    return rows.mean(axis=0).astype(np.float32), rows.std(axis=0).astype(np.float32)
+def session_stats(
+    betas: np.ndarray, use: np.ndarray, block: int = STATS_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel mean and std (float32, population) over the rows where ``use`` is true.
+
+    Sums run in float64 over blocks of rows, so memory stays at a few rows whatever the count.
+    """
+    rows = np.flatnonzero(use)
+    total = np.zeros(betas.shape[1], np.float64)
+    squares = np.zeros(betas.shape[1], np.float64)
+    for start in range(0, len(rows), block):
+        part = betas[rows[start : start + block]].astype(np.float64)
+        total += part.sum(axis=0)
+        squares += np.square(part).sum(axis=0)
+    n = max(len(rows), 1)
+    mean = total / n
+    var = np.maximum(squares / n - mean**2, 0.0)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
 def roi_settings(settings: StorageSettings) -> StorageSettings:

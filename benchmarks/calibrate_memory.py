@@ -1,0 +1,130 @@
+"""Calibrate the memory model (src/nsdzarr/memory.py) against measured peak RSS.
+
+Usage: python benchmarks/calibrate_memory.py [--real PATH]
+
+Runs each job's library function in a fresh process on sessions of three sizes (the demo's,
+a medium one and a real-size NSD session), reads its peak RSS (ru_maxrss), and prints the
+model's prediction beside it. BASELINE_BYTES should be the smallest interpreter baseline
+under which no job is under-predicted (the largest residual of measured minus the model's data
+terms); the ratio column is what the model over-predicts by. Snakemake's own processes inside
+a SLURM job (SNAKEMAKE_JOB_BYTES) are measured by tests/test_slurm.py from sacct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+sys.path.insert(0, str(SRC))
+
+from nsdzarr import memory  # noqa: E402
+from nsdzarr.demo import make_design, write_synthetic_session  # noqa: E402
+from nsdzarr.layout import design_path  # noqa: E402
+from nsdzarr.resources import estimate_peak_bytes  # noqa: E402
+from nsdzarr.trials import write_trial_tables  # noqa: E402
+
+MB = memory.MB
+SIZES = {"demo": (16, 24, 20), "medium": (40, 52, 40), "real": (83, 104, 81)}
+ROI_FRACTION = 0.025  # nsdgeneral is ~15.7k of ~700k voxels
+
+
+def peak_of(code: str) -> int:
+    """Peak RSS in bytes of ``code`` run in a fresh interpreter with the library importable."""
+    prelude = f"import resource, sys\nsys.path.insert(0, {str(SRC)!r})\n"
+    tail = "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code) + tail],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--real", type=Path, default=HERE / "data" / "nsd_session_750x83x104x81.hdf5"
+    )
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
+        tmp = Path(tmp)
+        design = design_path(tmp)
+        design.parent.mkdir(parents=True)
+        import scipy.io
+
+        scipy.io.savemat(design, make_design(0))
+        trials = tmp / "trials.tsv"
+        write_trial_tables(design, "subj01", [1], trials, tmp / "t.json", tmp / "i.tsv")
+        for name, zyx in SIZES.items():
+            src = args.real if name == "real" else tmp / f"{name}.hdf5"
+            if not src.exists():
+                write_synthetic_session(src, zyx)
+            shape = (750, *zyx)
+            rng = np.random.default_rng(0)
+            mask = (rng.random(zyx[::-1]) < ROI_FRACTION).astype(np.int16)
+            mask_path = tmp / f"{name}_mask.nii.gz"
+            nib.save(nib.Nifti1Image(mask, np.eye(4)), mask_path)
+            n_vox = int(mask.sum())
+            jobs = {
+                "convert in-memory": (
+                    f"from nsdzarr.convert import convert_session\n"
+                    f"convert_session({str(src)!r}, {str(tmp / (name + '_a.zarr'))!r}, "
+                    f"strategy='in-memory', threads=2)",
+                    memory.in_memory_peak(shape, 2, 50),
+                ),
+                "estimate": (
+                    f"from nsdzarr.estimate import write_session_estimate\n"
+                    f"from nsdzarr.storage import StorageSettings\n"
+                    f"write_session_estimate({str(src)!r}, {str(tmp / (name + '.json'))!r}, "
+                    f"StorageSettings(), rois={{'r': ({str(mask_path)!r}, None)}})",
+                    estimate_peak_bytes(shape, 2),
+                ),
+                "roi_session": (
+                    f"from nsdzarr.roi import extract_session\n"
+                    f"from nsdzarr.storage import StorageSettings\n"
+                    f"extract_session({str(src)!r}, {str(mask_path)!r}, None, {str(trials)!r}, 1, "
+                    f"{str(tmp / (name + '_roi.zarr'))!r}, StorageSettings())",
+                    memory.roi_session_peak(shape, 2, n_vox),
+                ),
+            }
+            if name == "real":
+                budget = 512 * MB
+                plan = memory.plan_conversion(shape, 2, 50, budget)
+                jobs["convert 512 MB budget"] = (
+                    f"from nsdzarr.convert import convert_session\n"
+                    f"convert_session({str(src)!r}, {str(tmp / (name + '_b.zarr'))!r}, "
+                    f"memory_budget_bytes={budget}, threads=2)",
+                    plan.peak_bytes,
+                )
+            for job, (code, predicted) in jobs.items():
+                measured = peak_of(code)
+                rows.append((name, job, measured, predicted))
+    residuals = [m - (p - memory.BASELINE_BYTES) for _n, _j, m, p in rows]
+    baseline = int(max(residuals))
+    print(f"{'size':8} {'job':24} {'measured MB':>11} {'model MB':>9} {'model/meas':>10}")
+    for name, job, measured, predicted in rows:
+        print(
+            f"{name:8} {job:24} {measured / MB:11.0f} {predicted / MB:9.0f} "
+            f"{predicted / measured:10.2f}"
+        )
+    print(
+        f"\nBASELINE_BYTES in the model: {memory.BASELINE_BYTES / MB:.0f} MB; smallest that "
+        f"covers every job: {baseline / MB:.0f} MB (median {np.median(residuals) / MB:.0f} MB)"
+    )
+    print(json.dumps({"fitted_baseline_mb": round(baseline / MB, 1)}))
+
+
+if __name__ == "__main__":
+    main()

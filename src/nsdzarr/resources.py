@@ -1,0 +1,53 @@
+"""Job resources read from the estimates; light to import, as Snakemake imports it to plan."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from nsdzarr.memory import BASELINE_BYTES, INDEX_BYTES_PER_CHUNK, READ_BUFFER_BYTES, request_mb
+
+# Planes the estimate job samples for its compression ratio (read one at a time).
+SAMPLE_PLANES = 4
+
+
+def job_mem_mb(
+    estimate_json: str | os.PathLike[str],
+    job: str,
+    attempt: int = 1,
+    ceiling_mb: int | None = None,
+) -> int:
+    """``mem_mb`` to request for ``job`` on try ``attempt``, capped by the ceiling."""
+    mem = json.loads(Path(estimate_json).read_text())["jobs"][job]["mem_mb"] * attempt
+    return min(mem, ceiling_mb) if ceiling_mb else mem
+
+
+def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: int = 1) -> int:
+    """``runtime`` in minutes to request for ``job`` on try ``attempt``."""
+    return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
+
+
+def estimate_peak_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
+    plane = shape[0] * math.prod(shape[2:]) * itemsize
+    return (
+        BASELINE_BYTES
+        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
+        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
+        + (SAMPLE_PLANES + 1) * plane
+    )
+
+
+def estimate_job_mem_mb(source: str | os.PathLike[str], factor: float = 1.0) -> int:
+    """``mem_mb`` of the estimate job itself, from the source's HDF5 header only."""
+    import h5py  # here, not at module level: the workflow imports this module to plan jobs
+
+    try:
+        with h5py.File(source, "r") as f:
+            dset = f["betas"]
+            peak = estimate_peak_bytes(dset.shape, dset.dtype.itemsize)
+    except Exception:  # the job itself reports a bad file with a one-line error
+        peak = BASELINE_BYTES
+    return request_mb(peak, factor)
