@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.atomic import atomic_output
+from nsdzarr.errors import InputError
 from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.memory import (
     MB,
@@ -78,6 +79,12 @@ def estimate_from_metadata(
     raw = math.prod(shape) * itemsize
     n_shards = len(trial_blocks(shape[0], settings.trials_per_shard))
     plan = plan_conversion(shape, itemsize, settings.trials_per_shard, budget_bytes(ceiling_mb))
+    if ceiling_mb and request_mb(plan.peak_bytes) > ceiling_mb:
+        raise InputError(
+            meta["path"],
+            f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(plan.peak_bytes)} MB "
+            "this session needs even in bounded-memory slabs",
+        )
     runtime = max(MIN_RUNTIME_MIN, math.ceil(3 * raw / CONVERT_BYTES_PER_S / 60))
     jobs: dict[str, dict[str, Any]] = {
         "convert": {

@@ -1,0 +1,57 @@
+"""Facts of the real NSD release: sessions and volumes per subject (NIfTI X, Y, Z order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nsdzarr.estimate import estimate_from_metadata
+from nsdzarr.storage import StorageSettings
+
+TRIALS_PER_SESSION = 750
+SESSIONS = {
+    "subj01": 40, "subj02": 40, "subj03": 32, "subj04": 30,
+    "subj05": 40, "subj06": 32, "subj07": 40, "subj08": 30,
+}  # fmt: skip
+VOLUMES_XYZ = {
+    "func1pt8mm": {
+        "subj01": (81, 104, 83), "subj02": (82, 106, 84), "subj03": (81, 106, 82),
+        "subj04": (85, 99, 80), "subj05": (79, 97, 78), "subj06": (85, 113, 83),
+        "subj07": (78, 95, 81), "subj08": (80, 103, 78),
+    },
+    "func1mm": {
+        "subj01": (145, 186, 148), "subj02": (146, 190, 150), "subj03": (145, 190, 146),
+        "subj04": (152, 177, 143), "subj05": (141, 173, 139), "subj06": (152, 202, 148),
+        "subj07": (139, 170, 145), "subj08": (143, 184, 139),
+    },
+}  # fmt: skip
+# raw / stored of zstd-1 on a real-size synthetic session (benchmarks/README.md, convert.py)
+ASSUMED_COMPRESSION_RATIO = 3.4
+
+
+def session_metadata(subject: str, space: str) -> dict[str, Any]:
+    """What the HDF5 header of one of the subject's sessions says (h5py order, NSD chunking)."""
+    x, y, z = VOLUMES_XYZ[space][subject]
+    raw = TRIALS_PER_SESSION * x * y * z * 2
+    return {
+        "path": f"{subject}/{space}/betas_sessionNN.hdf5",
+        "shape": [TRIALS_PER_SESSION, z, y, x],
+        "dtype": "<i2",
+        "chunks": [TRIALS_PER_SESSION, 1, 1, 1],
+        "filters": [],
+        "file_bytes": raw,
+    }
+
+
+def release_estimates(
+    space: str,
+    settings: StorageSettings | None = None,
+    ceiling_mb: int | None = 16000,
+    ratio: float = ASSUMED_COMPRESSION_RATIO,
+) -> list[dict[str, Any]]:
+    """One estimate per session of the whole release in ``space``, from metadata alone."""
+    settings = settings or StorageSettings()
+    rows = []
+    for subject, n_sessions in SESSIONS.items():
+        est = estimate_from_metadata(session_metadata(subject, space), settings, ratio, ceiling_mb)
+        rows += [{"subject": subject, "session": s, **est} for s in range(1, n_sessions + 1)]
+    return rows

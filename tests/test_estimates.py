@@ -1,0 +1,98 @@
+"""Estimates: metadata arithmetic, the memory model's choices, the summary, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nsdzarr import layout
+from nsdzarr.demo import DemoSpec
+from nsdzarr.errors import InputError
+from nsdzarr.estimate import write_session_estimate
+from nsdzarr.memory import MB, SNAKEMAKE_JOB_BYTES, budget_bytes, plan_conversion
+from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.storage import StorageSettings
+from nsdzarr.summary import write_summary
+
+
+def test_full_release_matches_the_arithmetic():
+    rows = release_estimates("func1pt8mm")
+    assert len(rows) == sum(SESSIONS.values()) == 284
+    subj01 = [r for r in rows if r["subject"] == "subj01"]
+    assert len(subj01) == 40
+    assert subj01[0]["raw_bytes"] == 750 * 81 * 104 * 83 * 2  # ~1.05 GB a session
+    assert subj01[0]["float32_bytes"] == 2 * subj01[0]["raw_bytes"]
+    assert subj01[0]["source"]["shape"] == [750, 83, 104, 81]  # h5py order: NIfTI reversed
+    assert subj01[0]["store_files"] == 15 + 4
+    total = sum(r["raw_bytes"] for r in rows)
+    expected = sum(
+        n * 750 * x * y * z * 2
+        for s, n in SESSIONS.items()
+        for x, y, z in [VOLUMES_XYZ["func1pt8mm"][s]]
+    )
+    assert total == expected
+    one_mm = release_estimates("func1mm")
+    assert one_mm[0]["raw_bytes"] == 750 * 145 * 186 * 148 * 2  # ~6 GB a session
+
+
+def test_ceiling_switches_large_sessions_to_bounded_slabs():
+    rows = release_estimates("func1mm", ceiling_mb=4000)
+    for row in rows:
+        job = row["jobs"]["convert"]
+        assert job["strategy"] == "slabs"
+        assert job["mem_mb"] <= 4000
+        assert job["peak_bytes"] <= budget_bytes(4000)
+        assert job["in_memory_peak_bytes"] > job["peak_bytes"]
+    small = release_estimates("func1pt8mm", ceiling_mb=16000)
+    assert {r["jobs"]["convert"]["strategy"] for r in small} == {"in-memory"}
+
+
+def test_plan_fits_any_budget_above_the_fixed_costs():
+    shape = (750, 83, 104, 81)
+    for budget_mb in (512, 800, 1200, 2000):
+        plan = plan_conversion(shape, 2, 50, budget_mb * MB)
+        assert plan.peak_bytes <= budget_mb * MB, (budget_mb, plan)
+    assert plan_conversion(shape, 2, 50, None).strategy == "in-memory"
+
+
+def test_a_ceiling_below_the_minimum_is_a_clear_error():
+    with pytest.raises(InputError, match=r"memory.ceiling_mb 600 is below the \d+ MB"):
+        release_estimates("func1pt8mm", ceiling_mb=600)
+
+
+def test_session_estimate_from_the_demo(demo_root: Path, tmp_path: Path):
+    spec = DemoSpec()
+    source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
+    roi = layout.roi_path(demo_root, "subj01", spec.space, "nsdgeneral.nii.gz")
+    out = tmp_path / "session01.json"
+    est = write_session_estimate(source, out, StorageSettings(), rois={"g": (str(roi), None)})
+    assert json.loads(out.read_text()) == json.loads(json.dumps(est))
+    assert est["raw_bytes"] == 750 * 16 * 24 * 20 * 2
+    assert est["source"]["chunks"] == [750, 1, 1, 1] and est["source"]["filters"] == []
+    assert 1 < est["compression_ratio"] < 10
+    assert est["jobs"]["roi_session/g"]["voxels"] == 1022
+    for job in est["jobs"].values():
+        assert job["mem_mb"] * MB >= job["peak_bytes"] + SNAKEMAKE_JOB_BYTES
+
+
+def test_bad_source_is_one_line_and_no_json(tmp_path: Path):
+    source = tmp_path / "betas_session01.hdf5"
+    source.write_bytes(b"\x00" * 4096)
+    with pytest.raises(InputError) as err:
+        write_session_estimate(source, tmp_path / "e.json", StorageSettings())
+    assert str(err.value).startswith(str(source)) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["betas_session01.hdf5"]
+
+
+def test_summary_from_the_demo_run(demo_run: Path, tmp_path: Path):
+    estimates = sorted((demo_run / "results/subj01/estimates").glob("*.json"))
+    benches = sorted((demo_run / "results/benchmarks").glob("*/*/*.tsv"))
+    assert len(benches) == 3 + 2 * 3  # convert + two ROIs, three sessions
+    write_summary(estimates, benches, tmp_path / "e.tsv", tmp_path / "e.md", tmp_path / "m.png")
+    text = (tmp_path / "e.md").read_text()
+    assert "| subj01 | 3 |" in text and "| all | 3 |" in text
+    assert text.count("subj01 convert session") == 3
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "e.tsv").read_text().splitlines()) == 4
