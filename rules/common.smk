@@ -14,14 +14,31 @@ from nsdzarr.errors import InputError
 from nsdzarr.layout import DemoSpec, demo_files
 from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
 
-validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+# Errors about the settings name the config file(s) they came from, on one line.
+CONFIG_FILES = ", ".join(str(f) for f in workflow.configfiles) or "config"
+
+try:
+    validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+except WorkflowError as err:
+    problem = err.__context__  # the jsonschema ValidationError
+    if not hasattr(problem, "json_path"):
+        raise
+    raise WorkflowError(
+        f"{CONFIG_FILES}: {problem.json_path}: {problem.message}"
+    ) from None
 
 if config["storage"]["trials_per_shard"] % config["storage"]["trials_per_chunk"]:
     raise WorkflowError(
-        "config: storage.trials_per_chunk "
+        f"{CONFIG_FILES}: storage.trials_per_chunk "
         f"({config['storage']['trials_per_chunk']}) must divide storage.trials_per_shard "
         f"({config['storage']['trials_per_shard']})"
     )
+
+for _folder in ("results", "logs"):
+    if Path(_folder).exists() and not Path(_folder).is_dir():
+        raise WorkflowError(
+            f"{Path(_folder).resolve()}: output folder is not a directory (move the file away)"
+        )
 
 NSD_ROOT = config["nsd_root"]
 SUBJECTS = config["subjects"]
@@ -30,7 +47,8 @@ SUBJECTS = config["subjects"]
 wildcard_constraints:
     subject=r"subj\d{2}",
     session=r"\d{2}",
-    roi=r"[A-Za-z0-9_-]+",
+    # only the configured ROIs (names are [A-Za-z0-9_-]+ by the schema)
+    roi="|".join(config["rois"]) or "(?!)",
 
 
 def demo_spec():
@@ -48,7 +66,17 @@ def demo_spec():
 def sessions_of(subject):
     """Session numbers configured for a subject (`all` = files present, or the demo's)."""
     if config["sessions"] != "all":
-        return sorted(config["sessions"])
+        sessions = sorted(config["sessions"])
+        if not config["demo"]:
+            for s in sessions:
+                path = layout.betas_path(
+                    NSD_ROOT, subject, config["space"], config["beta_version"], s
+                )
+                if not path.is_file():
+                    raise WorkflowError(
+                        f"{path}: betas file not found (session {s} is listed in config sessions)"
+                    )
+        return sessions
     if config["demo"]:
         return list(range(1, demo_spec().sessions + 1))
     try:

@@ -5,7 +5,7 @@ rule roi_session:
         trials="results/{subject}/trials.tsv",
         estimate="results/{subject}/estimates/session{session}.json",
     output:
-        temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),
+        directory("results/{subject}/roi/{roi}.parts/session{session}.zarr"),
     log:
         "logs/{subject}/roi_session/{roi}_session{session}.log",
     benchmark:

@@ -17,7 +17,7 @@ from zarr.codecs import BloscCodec
 from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import VerificationError
-from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.memory import ConversionPlan, plan_conversion
 from nsdzarr.storage import StorageSettings, create_trial_array, trial_blocks
 
@@ -73,6 +73,7 @@ def source_attrs(source: Path) -> dict[str, Any]:
 
 def _write_in_memory(reader: SessionReader, arr: zarr.Array) -> np.ndarray:
     data = reader.read_all()
+    check_finite(data, reader.path)
     sums = plane_checksums(data)
     for t0, t1 in trial_blocks(data.shape[0], arr.shards[0]):
         arr[t0:t1] = data[t0:t1]
@@ -101,6 +102,7 @@ def _write_by_slabs(
         for z0 in range(0, n_z, planes):
             z1 = min(z0 + planes, n_z)
             slab = reader.read_planes(z0, z1)
+            check_finite(slab, reader.path, f" (z-planes {z0}..{z1 - 1})")
             sums[:, z0:z1] = plane_checksums(slab)
             scratch[:, z0:z1] = slab
             del slab

@@ -12,9 +12,8 @@ import scipy.io
 
 from nsdzarr import layout
 from nsdzarr.atomic import atomic_output
-from nsdzarr.layout import ROI_FILES, DemoSpec, demo_files
+from nsdzarr.layout import ROI_FILES, TRIALS_PER_SESSION, DemoSpec, demo_files
 
-TRIALS_PER_SESSION = 750
 N_SUBJECTS = 8
 N_IMAGES_PER_SUBJECT = 10_000
 N_SHARED = 1_000

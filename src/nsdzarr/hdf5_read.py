@@ -370,6 +370,17 @@ def _read_block(
         pos += want
 
 
+def check_finite(block: np.ndarray, source: str | os.PathLike[str], where: str = "") -> None:
+    """Raise InputError naming the first trial of a float ``(T, ...)`` block with NaN or inf."""
+    if block.dtype.kind != "f":
+        return
+    # a float64 sum per trial is finite iff every value is; no block-sized temporary
+    ok = np.isfinite(block.reshape(block.shape[0], -1).sum(axis=1, dtype=np.float64))
+    if not ok.all():
+        trial = int(np.flatnonzero(~ok)[0])
+        raise InputError(source, f"betas hold NaN or inf values, first at trial {trial}{where}")
+
+
 # --------------------------------------------------------------------------- reader
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nsdzarr.errors import InputError
 
+TRIALS_PER_SESSION = 750  # every NSD session: 12 runs of 62 or 63 stimulus trials
 SESSION_FILE = re.compile(r"^betas_session(\d{2})\.hdf5$")
 # Atlases the demo release ships (a subset of the real release's roi/ folder).
 ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")

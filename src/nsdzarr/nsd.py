@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from nsdzarr.estimate import estimate_from_metadata
+from nsdzarr.layout import TRIALS_PER_SESSION
 from nsdzarr.storage import StorageSettings
 
-TRIALS_PER_SESSION = 750
 SESSIONS = {
     "subj01": 40, "subj02": 40, "subj03": 32, "subj04": 30,
     "subj05": 40, "subj06": 32, "subj07": 40, "subj08": 30,

@@ -20,12 +20,12 @@ import zarr
 from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.hdf5_read import SessionReader, check_finite
+from nsdzarr.layout import TRIALS_PER_SESSION
 from nsdzarr.memory import STATS_ROWS
 from nsdzarr.nifti import load_nifti
 from nsdzarr.storage import StorageSettings, create_trial_array
 
-TRIALS_PER_SESSION = 750
 BETA_SCALE = 300
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 
@@ -147,6 +147,7 @@ def extract_session(
         betas = reader.read_voxels(np.stack(mask.zyx, axis=1))
     if betas.shape[0] != TRIALS_PER_SESSION:
         raise InputError(source, f"session has {betas.shape[0]} trials, expected 750")
+    check_finite(betas, source)
     use = np.isin(split, stats_splits)
     mean, std = session_stats(betas, use)
     with atomic_output(target) as tmp:
@@ -184,7 +185,7 @@ def finish_store(
             group,
             "betas",
             (TRIALS_PER_SESSION * len(sessions), n_vox),
-            np.int16,
+            zarr.open_group(parts[0], mode="r")["betas"].dtype,
             settings,
             ("trial", "voxel"),
         )
@@ -192,6 +193,12 @@ def finish_store(
         for s, part in enumerate(parts):
             pg = zarr.open_group(part, mode="r")
             pb = pg["betas"]
+            if pb.dtype != arr.dtype:
+                raise InputError(
+                    part,
+                    f"betas are {pb.dtype} but {parts[0]} holds {arr.dtype}: every session of "
+                    "a subject must have the same dtype",
+                )
             if (
                 pb.shape != (TRIALS_PER_SESSION, n_vox)
                 or pb.shards != arr.shards

@@ -21,11 +21,12 @@ import scipy.io
 
 from nsdzarr.atomic import atomic_output
 from nsdzarr.errors import InputError
+from nsdzarr.layout import TRIALS_PER_SESSION
 
 StrPath = str | PathLike[str]
 Table = dict[str, np.ndarray]
 
-TRIALS_PER_SESSION = 750
+
 RUNS_PER_SESSION = 12
 SLOTS_PER_RUN = 75
 N_IMAGES_10K = 10_000
