@@ -124,3 +124,9 @@ def test_readme_quickstart_matches_ci():
     commands = [line for line in block[1].splitlines() if line.strip() and not line.startswith("#")]
     assert len(commands) == 2
     assert commands[1] in (REPO / ".ci" / "run").read_text()
+
+
+def test_report_includes_the_memory_plot(demo_run: Path):
+    run_snakemake(demo_run, "--report", "report.html")
+    html = (demo_run / "report.html").read_text(errors="replace")
+    assert "memory_requested_vs_measured.png" in html

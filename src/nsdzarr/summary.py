@@ -141,17 +141,19 @@ def plot_requested_vs_measured(peaks: list[dict[str, Any]], path: str | os.PathL
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     if peaks:
         req = [p["requested_mb"] for p in peaks]
+        pred = [p["predicted_peak_mb"] for p in peaks]
         got = [p["measured_max_rss_mb"] for p in peaks]
-        ax.scatter(got, req, s=18, label="jobs")
+        ax.scatter(got, pred, s=18, label="predicted peak of the job's script")
+        ax.scatter(got, req, s=18, marker="^", label="requested mem_mb (+ Snakemake's processes)")
         top = max(max(req), max(got)) * 1.1
-        ax.plot([0, top], [0, top], "k--", lw=1, label="request = measured")
+        ax.plot([0, top], [0, top], "k--", lw=1, label="= measured")
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no benchmark files yet", ha="center", transform=ax.transAxes)
     ax.set_xlabel("measured peak RSS of the job's script (MB, Snakemake benchmark)")
-    ax.set_ylabel("requested mem_mb (incl. Snakemake's own processes)")
+    ax.set_ylabel("MB")
     ax.set_title("Memory requested vs measured per job")
     fig.tight_layout()
     with atomic_output(path) as tmp:
