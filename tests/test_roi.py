@@ -13,8 +13,8 @@ import zarr
 
 from nsdzarr import layout
 from nsdzarr.demo import DemoSpec
-from nsdzarr.errors import InputError
-from nsdzarr.roi import extract_session, finish_store, load_roi_mask, to_nifti
+from nsdzarr.errors import InputError, VerificationError
+from nsdzarr.roi import extract_session, finish_store, load_roi_mask, to_nifti, verify_rows
 from nsdzarr.storage import StorageSettings
 from nsdzarr.trials import write_trial_tables
 
@@ -96,6 +96,14 @@ def test_session_rows_equal_the_source_and_stats_use_train_trials(
     assert attrs["shape_nifti_xyz"] == [20, 24, 16] and attrs["shape_hdf5_zyx"] == [16, 24, 20]
     # a session never shares a shard with another
     assert 750 % group["betas"].shards[0] == 0
+    # the assembly check catches a shard in the wrong place
+    shards = sorted((target / "betas" / "c").iterdir(), key=lambda p: int(p.name))
+    first, last = shards[0] / "0", shards[-1] / "0"
+    data_first, data_last = first.read_bytes(), last.read_bytes()
+    first.unlink(), last.unlink()
+    first.write_bytes(data_last), last.write_bytes(data_first)
+    with pytest.raises(VerificationError, match="differ after assembly"):
+        verify_rows(zarr.open_group(target, mode="r")["betas"], parts, target)
 
 
 def test_back_projection_round_trips(demo_root: Path):

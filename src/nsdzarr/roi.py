@@ -209,15 +209,25 @@ def finish_store(
             for i in range(shards_per_session):
                 src = Path(part) / "betas" / "c" / str(i) / "0"
                 dst = Path(tmp) / "betas" / "c" / str(s * shards_per_session + i) / "0"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(src, dst)
+                if src.exists():  # an all-fill-value shard is never written
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(src, dst)
             means.append(pg["mean"][0])
             stds.append(pg["std"][0])
+        verify_rows(arr, parts, target)
         group.create_array("voxels", data=mask.voxels, dimension_names=("voxel", "ijk"))
         group.create_array("label", data=mask.voxel_labels, dimension_names=("voxel",))
         group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
         group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
         group.attrs.update(roi_attrs(mask, sessions, arr.shape, stats_splits))
+
+
+def verify_rows(arr: zarr.Array, parts: list[str | os.PathLike[str]], target: Path) -> None:
+    """Every session's rows of the finished store equal its part's; raise on a difference."""
+    for s, part in enumerate(parts):
+        rows = slice(s * TRIALS_PER_SESSION, (s + 1) * TRIALS_PER_SESSION)
+        if not np.array_equal(arr[rows], zarr.open_group(part, mode="r")["betas"][...]):
+            raise VerificationError(target, f"rows of session part {part} differ after assembly")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
