@@ -1,0 +1,541 @@
+"""nsdzarr.loader: values, normalization, splits, repeats, batching, workers, safety, errors.
+
+Stores are built from the demo release exactly as ``roi.finish_store`` lays them out (same
+``create_trial_array`` settings, arrays and attributes), for sessions 1, 14 and 27 so that
+images repeat across sessions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pickle
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import h5py  # noqa: E402
+import nibabel as nib  # noqa: E402
+import scipy.io  # noqa: E402
+import zarr  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from zarr.codecs import GzipCodec  # noqa: E402
+
+from nsdzarr import demo, layout  # noqa: E402
+from nsdzarr import loader as loader_module  # noqa: E402
+from nsdzarr.errors import InputError  # noqa: E402
+from nsdzarr.loader import BetasDataset, collate, parse_layout  # noqa: E402
+from nsdzarr.roi import load_roi_mask, roi_attrs, roi_settings, session_stats  # noqa: E402
+from nsdzarr.storage import StorageSettings, create_trial_array, zarr_compressor  # noqa: E402
+from nsdzarr.trials import write_trial_tables  # noqa: E402
+
+SPEC = demo.DemoSpec(subjects=("subj01", "subj02"))
+DEFAULT = StorageSettings()
+SESSIONS = {"subj01": [1, 14, 27], "subj02": [1, 14]}
+
+
+def read_tsv(path: Path) -> dict[str, np.ndarray]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    cols = list(zip(*(line.split("\t") for line in lines[1:]), strict=True))
+    return {h: np.array(c) for h, c in zip(header, cols, strict=True)}
+
+
+def build_store(
+    root: Path,
+    subject: str,
+    sessions: list[int],
+    settings: StorageSettings = DEFAULT,
+    name: str = "nsdgeneral",
+) -> Path:
+    """Demo HDF5 sessions -> ``results/{subject}/roi/{name}.zarr`` in finish_store's layout."""
+    design_file = layout.design_path(root)
+    if not design_file.exists():
+        design_file.parent.mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(design_file, demo.make_design(SPEC.seed), format="5")
+    design = scipy.io.loadmat(design_file)
+    mask_file = layout.roi_path(root, subject, SPEC.space, "nsdgeneral.nii.gz")
+    mask_file.parent.mkdir(parents=True, exist_ok=True)
+    demo.write_nifti_gz(
+        mask_file,
+        demo.roi_volumes(SPEC.shape_xyz)["nsdgeneral.nii.gz"],
+        demo.affine(SPEC.shape_xyz),
+    )
+    out = root / "results" / subject
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_trial_tables(
+        design_file, subject, sessions, out / "trials.tsv", out / "trials.json", out / "images.tsv"
+    )
+    mask = load_roi_mask(mask_file, None)
+    rows, means, stds = [], [], []
+    for i, s in enumerate(sessions):
+        h5 = layout.betas_path(root, subject, SPEC.space, SPEC.beta_version, s)
+        if not h5.exists():
+            h5.parent.mkdir(parents=True, exist_ok=True)
+            demo.write_betas_hdf5(h5, demo.session_betas(design, subject, s, SPEC))
+        with h5py.File(h5, "r") as f:
+            vol = f["betas"][...]
+        part = vol[(slice(None), *mask.zyx)]  # == volume.T[mask] per trial
+        rows.append(part)
+        mean, std = session_stats(part, table["split"][i * 750 : (i + 1) * 750] == "train")
+        means.append(mean)
+        stds.append(std)
+    betas = np.concatenate(rows)
+    target = out / "roi" / f"{name}.zarr"
+    group = zarr.open_group(target, mode="w", zarr_format=3)
+    arr = create_trial_array(
+        group, "betas", betas.shape, np.int16, roi_settings(settings), ("trial", "voxel")
+    )
+    for i in range(len(sessions)):
+        arr[i * 750 : (i + 1) * 750] = betas[i * 750 : (i + 1) * 750]
+    group.create_array("voxels", data=mask.voxels, dimension_names=("voxel", "ijk"))
+    group.create_array("label", data=mask.voxel_labels, dimension_names=("voxel",))
+    group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
+    group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
+    group.attrs.update(roi_attrs(mask, sessions, arr.shape, ("train",)))
+    return target
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    for subject, sessions in SESSIONS.items():
+        build_store(root, subject, sessions)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(root: Path) -> Path:
+    return root / "results" / "subj01" / "roi" / "nsdgeneral.zarr"
+
+
+@pytest.fixture(scope="module")
+def truth(root: Path, store: Path) -> dict:
+    """The store read by zarr-python, its trials table and its statistics."""
+    group = zarr.open_group(store, mode="r")
+    tsv = read_tsv(root / "results" / "subj01" / "trials.tsv")
+    return {
+        "betas": group["betas"][...],
+        "mean": group["mean"][...],
+        "std": group["std"][...],
+        "split": tsv["split"],
+        "shared": tsv["shared1000"] == "true",
+        "nsd_id": tsv["nsd_id"].astype(int),
+        "trial": tsv["trial"].astype(int),
+        "session": tsv["session"].astype(int),
+        "repeat": tsv["repeat"].astype(int),
+    }
+
+
+def reference(truth: dict, normalize: str) -> np.ndarray:
+    x = truth["betas"].astype(np.float32)
+    if normalize == "psc":
+        return x / np.float32(300)
+    if normalize == "session_zscore":
+        s = np.repeat(np.arange(len(truth["mean"])), 750)
+        std = np.where(truth["std"] == 0, np.float32(1), truth["std"])
+        return (x - truth["mean"][s]) / std[s]
+    return x
+
+
+def rows_of(truth: dict, trials: torch.Tensor) -> np.ndarray:
+    """Store rows of global trial numbers."""
+    return np.searchsorted(truth["trial"], trials.numpy())
+
+
+def n_fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_files(folder: Path, pid: int | str = "self") -> tuple[int, int]:
+    """(fds of ``pid`` on files under ``folder``, its other fds)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    mine = sum(link.startswith(str(folder.resolve())) for link in links)
+    return mine, len(links) - mine
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_items_equal_store_hdf5_and_trials_table(root: Path, store: Path, truth: dict):
+    ds = BetasDataset(store, split="all")
+    assert len(ds) == 2250 and ds.n_voxels == 1022 and ds.stores[0].layout is not None
+    atlas = np.asarray(
+        nib.load(layout.roi_path(root, "subj01", SPEC.space, "nsdgeneral.nii.gz")).dataobj
+    )
+    with h5py.File(layout.betas_path(root, "subj01", SPEC.space, SPEC.beta_version, 14)) as f:
+        for i in (750, 1000, 1499):
+            item = ds[i]
+            assert item["betas"].dtype == torch.float32
+            np.testing.assert_array_equal(item["betas"].numpy(), truth["betas"][i])
+            volume = f["betas"][i - 750]  # h5py (Z, Y, X); store rows are volume.T[mask]
+            np.testing.assert_array_equal(item["betas"].numpy(), volume.T[atlas >= 1])
+            assert item["subject"] == "subj01" and item["session"] == 14
+            for key in ("nsd_id", "trial", "repeat"):
+                assert item[key] == truth[key][i]
+    whole = ds[:]
+    np.testing.assert_array_equal(whole["betas"].numpy(), truth["betas"])
+    np.testing.assert_array_equal(whole["trial"].numpy(), truth["trial"])
+
+
+@pytest.mark.parametrize("normalize", ["none", "psc", "session_zscore"])
+def test_normalize_modes_match_numpy(store: Path, truth: dict, normalize: str):
+    ds = BetasDataset(store, split="all", normalize=normalize)
+    np.testing.assert_allclose(ds[:]["betas"].numpy(), reference(truth, normalize), rtol=1e-6)
+
+
+def test_splits_and_counts(store: Path, truth: dict):
+    train, test = BetasDataset(store), BetasDataset(store, split="test")
+    assert len(test) == truth["shared"].sum() > 0
+    assert len(train) + len(test) == 2250
+    np.testing.assert_array_equal(
+        np.sort(test[:]["trial"].numpy()), truth["trial"][truth["shared"]]
+    )
+    np.testing.assert_array_equal(test[:]["betas"].numpy(), truth["betas"][truth["shared"]])
+    with pytest.raises(ValueError, match="split"):
+        BetasDataset(store, split="val")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_average_repeats_equal_numpy_mean(store: Path, truth: dict, split: str):
+    ds = BetasDataset(store, split=split, normalize="session_zscore", average_repeats=True)
+    norm = reference(truth, "session_zscore")
+    use = truth["split"] == split
+    ids = np.unique(truth["nsd_id"][use])
+    assert len(ds) == len(ids)
+    batch = ds[:]
+    assert sorted(batch["nsd_id"].tolist()) == ids.tolist()
+    assert batch["n_repeats"].max() >= 2  # sessions 1/14/27 share images
+    for j in range(len(ds)):
+        rows = np.flatnonzero(use & (truth["nsd_id"] == int(batch["nsd_id"][j])))
+        np.testing.assert_allclose(batch["betas"][j].numpy(), norm[rows].mean(axis=0), atol=1e-5)
+        k = int(batch["n_repeats"][j])
+        assert k == len(rows)
+        assert batch["trial"][j, :k].tolist() == truth["trial"][rows].tolist()
+        assert (batch["trial"][j, k:] == -1).all()
+        assert batch["session"][j, :k].tolist() == truth["session"][rows].tolist()
+    in_memory = BetasDataset(
+        store, split=split, normalize="session_zscore", average_repeats=True, in_memory=True
+    )
+    assert torch.equal(in_memory[:]["betas"], batch["betas"])
+
+
+def test_getitems_batch_equals_items_and_both_collates_agree(store: Path):
+    ds = BetasDataset(store, normalize="psc")
+    idx = np.random.default_rng(0).choice(len(ds), 40, replace=True).tolist()
+    batch = ds.__getitems__(idx)
+    assert len(batch) == 40
+    fast = collate(batch)
+    slow = torch.utils.data.default_collate(batch)
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        if key == "subject":
+            assert fast[key] == slow[key]
+        else:
+            assert torch.equal(fast[key], slow[key])
+    for j, i in enumerate(idx):
+        item = ds[i]
+        assert torch.equal(fast["betas"][j], item["betas"]) and fast["trial"][j] == item["trial"]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def record_pid(folder: str, worker_id: int) -> None:
+    Path(folder, f"{worker_id}.{os.getpid()}").touch()
+
+
+def epoch(loader: DataLoader) -> dict:
+    batches = list(loader)
+    return {k: torch.cat([b[k] for b in batches]) for k in ("betas", "trial")}
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_two_workers(store: Path, truth: dict, context: str):
+    ds = BetasDataset(store, split="all", normalize="psc")
+    fast = epoch(ds.dataloader(batch_size=32, num_workers=2, multiprocessing_context=context))
+    np.testing.assert_array_equal(fast["betas"].numpy(), reference(truth, "psc"))
+    np.testing.assert_array_equal(fast["trial"].numpy(), truth["trial"])
+    if context == "fork":  # the default collate gets the same batches
+        slow = epoch(DataLoader(ds, batch_size=32, num_workers=2, multiprocessing_context=context))
+        assert torch.equal(slow["betas"], fast["betas"])
+    assert open_files(store)[0] == 0  # the parent never opened a shard file
+
+
+def worker_fds(folder: Path, store: Path) -> dict[int, tuple[int, int]]:
+    """Per worker pid (recorded by ``record_pid`` in ``folder``): ``open_files`` of it."""
+    pids = [int(p.name.split(".")[1]) for p in folder.iterdir()]
+    return {pid: open_files(store, pid) for pid in pids}
+
+
+def no_fresh_shared_memory(shape):
+    raise AssertionError("a worker ran out of reusable batch buffers")
+
+
+def test_persistent_workers_keep_fds_and_memory_flat(
+    store: Path, truth: dict, tmp_path: Path, monkeypatch
+):
+    psutil = pytest.importorskip("psutil")
+    # forked workers inherit this: streaming batches must always find a freed buffer slot
+    monkeypatch.setattr(loader_module, "_shared_empty", no_fresh_shared_memory)
+    ds = BetasDataset(store, split="all", max_open_files=16)  # 45 shards: the LRU works
+    loader = ds.dataloader(
+        batch_size=32,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+        worker_init_fn=functools.partial(record_pid, str(tmp_path)),
+    )
+    fds, rss, main_rss = [], [], []
+    for _ in range(3):
+        n = 0
+        for batch in loader:  # batches arrive in reused worker buffers: check each one
+            assert type(batch["betas"]) is torch.Tensor and type(batch["trial"]) is torch.Tensor
+            np.testing.assert_array_equal(
+                batch["betas"].numpy(), truth["betas"][rows_of(truth, batch["trial"])]
+            )
+            n += len(batch["trial"])
+        assert n == 2250
+        fds.append(worker_fds(tmp_path, store))
+        rss.append({pid: psutil.Process(pid).memory_info().rss for pid in fds[-1]})
+        main_rss.append(psutil.Process().memory_info().rss)
+    assert len(fds[0]) == 2  # the same two workers served all three epochs
+    assert fds[0] == fds[1] == fds[2]
+    assert all(mine == 16 for mine, _ in fds[0].values())
+    for pid in fds[0]:
+        assert rss[2][pid] - rss[1][pid] < 8 * 2**20
+    assert main_rss[2] - main_rss[1] < 8 * 2**20
+    assert open_files(store)[0] == 0
+
+
+def test_worker_buffers_survive_kept_batches(store: Path, truth: dict):
+    """Batches kept alive (more than a worker's buffer slots) stay intact."""
+    ds = BetasDataset(store, split="all", normalize="psc")
+    ref = reference(truth, "psc")
+    loader = ds.dataloader(batch_size=16, num_workers=2, multiprocessing_context="fork")
+    kept = list(loader)  # 141 batches alive at once: slots run out, torch's path takes over
+    assert len(kept) > 2 * 16
+    for batch in kept:
+        np.testing.assert_array_equal(batch["betas"].numpy(), ref[rows_of(truth, batch["trial"])])
+    views = [b["betas"][:2] for b in kept[:20]]  # views keep their slot too
+    del kept
+    for _ in loader:  # workers reuse freed slots meanwhile
+        pass
+    for v, start in zip(views, range(0, 320, 16), strict=True):
+        np.testing.assert_array_equal(v.numpy(), ref[start : start + 2])
+
+
+def test_fork_after_the_parent_read(store: Path, truth: dict):
+    ds = BetasDataset(store, split="all")
+    ds[5]  # the parent now holds open shard files; forked workers must not share them
+    got = epoch(ds.dataloader(batch_size=50, num_workers=2, multiprocessing_context="fork"))
+    np.testing.assert_array_equal(got["betas"].numpy(), truth["betas"])
+    ds.close()
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def test_construction_opens_nothing_and_pickles(store: Path, truth: dict):
+    before, threads = n_fds(), threading.active_count()
+    datasets = [
+        BetasDataset(store, normalize=n, average_repeats=a)
+        for n in ("none", "session_zscore")
+        for a in (False, True)
+    ]
+    assert n_fds() == before and threading.active_count() == threads
+    ds = datasets[0]
+    ds[0]  # opens one shard in this process
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._rt is None
+    assert torch.equal(clone[0]["betas"], ds[0]["betas"])
+    clone.close()
+    ds.close()
+    assert n_fds() == before
+
+
+def test_open_files_are_bounded(store: Path, truth: dict):
+    ds = BetasDataset(store, split="all", max_open_files=4)
+    before = n_fds()
+    for start in range(0, 2250, 100):
+        ds[list(range(start, min(start + 100, 2250), 7))]
+        assert n_fds() - before <= 4
+    np.testing.assert_array_equal(ds[:]["betas"].numpy(), truth["betas"])
+    ds.close()
+    assert n_fds() == before
+
+
+def test_several_subjects(root: Path):
+    stores = [root / "results" / s / "roi" / "nsdgeneral.zarr" for s in SESSIONS]
+    both = BetasDataset(stores, split="test")
+    one = BetasDataset(stores, split="test", subjects=["subj02"])
+    assert both.subjects == ["subj01", "subj02"] and one.subjects == ["subj02"]
+    counts = {k: len(v) for k, v in both.indices_by_subject().items()}
+    assert counts["subj02"] == len(one) and sum(counts.values()) == len(both)
+    batch = both[[0, len(both) - 1]]
+    assert batch["subject"] == ["subj01", "subj02"]
+    assert torch.equal(batch["betas"][1], one[len(one) - 1]["betas"])
+    in_memory = BetasDataset(stores, split="test", normalize="session_zscore", in_memory=True)
+    on_disk = BetasDataset(stores, split="test", normalize="session_zscore")
+    idx = np.random.default_rng(0).permutation(len(on_disk))[:64]
+    assert torch.equal(in_memory[idx]["betas"], on_disk[idx]["betas"])
+    named = BetasDataset({"a": stores[0]}, split="test")
+    assert named[0]["subject"] == "a"
+    with pytest.raises(ValueError, match="subj09"):
+        BetasDataset(stores, subjects=["subj09"])
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory) -> Path:
+    """3000 x 12000 int16 (72 MB): large enough to see a per-worker copy in smaps."""
+    folder = tmp_path_factory.mktemp("big") / "results" / "subjXX"
+    (folder / "roi").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    group = zarr.open_group(folder / "roi" / "big.zarr", mode="w", zarr_format=3)
+    arr = create_trial_array(
+        group, "betas", (3000, 12000), np.int16, roi_settings(StorageSettings()), ("t", "v")
+    )
+    for s in range(4):
+        arr[s * 750 : (s + 1) * 750] = (rng.standard_normal((750, 12000)) * 300).astype(np.int16)
+    group.attrs.update({"sessions": [1, 2, 3, 4], "scale": 300})
+    lines = ["trial\tsession\tnsd_id\trepeat\tsplit"]
+    lines += [f"{t}\t{t // 750 + 1}\t{t}\t0\ttrain" for t in range(3000)]
+    (folder / "trials.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "roi" / "big.zarr"
+
+
+def shared_mapping(pid: int, nbytes: int) -> dict[str, int]:
+    """smaps fields (kB) of the mapping of ``pid`` that holds the in-memory array."""
+    blocks, current = [], None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            current = {"size": hi - lo}
+            blocks.append(current)
+        elif head.endswith(":") and current is not None and line.split()[1].isdigit():
+            current[head[:-1]] = int(line.split()[1])
+    found = [b for b in blocks if nbytes <= b["size"] <= nbytes + 2**16]
+    assert found, "in-memory array mapping not found"
+    return found[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_in_memory_is_one_shared_copy(big_store: Path, tmp_path: Path, context: str):
+    ds = BetasDataset(big_store, in_memory=True, normalize="psc")
+    assert open_files(big_store)[0] == 0  # decoded at construction, every file closed
+    nbytes = 3000 * 12000 * 2
+    loader = ds.dataloader(
+        batch_size=100,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context=context,
+        worker_init_fn=functools.partial(record_pid, str(tmp_path)),
+    )
+    got = epoch(loader)
+    ref = zarr.open_array(big_store / "betas", mode="r")[...]
+    np.testing.assert_array_equal(got["betas"].numpy(), ref.astype(np.float32) / 300)
+    for p in tmp_path.iterdir():
+        m = shared_mapping(int(p.name.split(".")[1]), nbytes)
+        assert m["Rss"] * 1024 > 0.4 * nbytes  # the worker read its half of the rows ...
+        assert (m["Private_Clean"] + m["Private_Dirty"]) * 1024 < 0.05 * nbytes  # ... shared
+    del loader
+
+
+# --------------------------------------------------------------------------- layouts, errors
+
+
+def rewrite_betas(store: Path, target: Path, betas: np.ndarray, **codec) -> Path:
+    """A copy of ``store`` whose betas array is written again with other codecs."""
+    shutil.copytree(store, target, ignore=shutil.ignore_patterns("betas"))
+    group = zarr.open_group(target, mode="a")
+    arr = group.create_array(
+        "betas", shape=betas.shape, dtype=np.int16, chunks=(1, betas.shape[1]),
+        shards=(50, betas.shape[1]), **codec,
+    )  # fmt: skip
+    arr[...] = betas
+    return target
+
+
+def test_blosc_store_and_zarr_fallback(store: Path, truth: dict):
+    roi = store.parent
+    lz4 = rewrite_betas(
+        store, roi / "lz4.zarr", truth["betas"], compressors=zarr_compressor(
+            StorageSettings("blosc-lz4", 5), 2
+        )
+    )  # fmt: skip
+    ds = BetasDataset(lz4, split="all")
+    assert ds.stores[0].layout.codec == "blosc"
+    np.testing.assert_array_equal(ds[:]["betas"].numpy(), truth["betas"])
+    # an unsupported codec (gzip) reads through zarr-python
+    gz = rewrite_betas(store, roi / "gzip.zarr", truth["betas"], compressors=GzipCodec(level=1))
+    assert parse_layout(gz / "betas")[1] is None
+    ds = BetasDataset(gz, split="all", normalize="psc")
+    some = np.arange(0, 2250, 9)  # zarr-python costs ~1 ms per row
+    np.testing.assert_array_equal(ds[some]["betas"].numpy(), reference(truth, "psc")[some])
+    subset = torch.utils.data.Subset(ds, some.tolist())
+    got = epoch(
+        DataLoader(
+            subset, batch_size=32, num_workers=2, multiprocessing_context="fork", collate_fn=collate
+        )
+    )
+    np.testing.assert_array_equal(got["betas"].numpy(), reference(truth, "psc")[some])
+
+
+def one_line_error(excinfo, path: Path) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_missing_and_corrupt_stores_give_one_line_errors(store: Path, tmp_path: Path):
+    with pytest.raises(InputError) as e:
+        BetasDataset(tmp_path / "nope.zarr")
+    assert "not found" in one_line_error(e, tmp_path / "nope.zarr")
+
+    bad = tmp_path / "results" / "subj01" / "roi" / "bad.zarr"
+    shutil.copytree(store, bad)
+    (bad / "betas" / "zarr.json").write_text("{not json")
+    with pytest.raises(InputError) as e:
+        BetasDataset(bad)
+    one_line_error(e, bad / "betas" / "zarr.json")
+
+    shutil.rmtree(bad)
+    shutil.copytree(store, bad)
+    with pytest.raises(InputError) as e:  # no trials.tsv beside it
+        BetasDataset(bad)
+    one_line_error(e, tmp_path / "results" / "subj01" / "trials.tsv")
+    tsv = store.parent.parent / "trials.tsv"
+    short = tmp_path / "short.tsv"
+    short.write_text("".join(tsv.read_text().splitlines(keepends=True)[:100]))
+    with pytest.raises(InputError) as e:
+        BetasDataset(bad, trials=short)
+    assert "rows" in one_line_error(e, short)
+
+    shard = bad / "betas" / "c" / "7" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: index damaged
+    ds = BetasDataset(bad, split="all", trials=tsv)
+    ds[0]
+    with pytest.raises(InputError) as e:
+        ds[7 * 50 + 3]
+    assert "corrupt" in one_line_error(e, shard)
+    with pytest.raises(RuntimeError, match="corrupt"):  # re-raised from a worker
+        epoch(ds.dataloader(batch_size=50, num_workers=1, multiprocessing_context="fork"))
+    shard.unlink()
+    with pytest.raises(InputError) as e:
+        BetasDataset(bad, trials=tsv)
+    assert "missing" in one_line_error(e, shard)
