@@ -17,7 +17,7 @@ rule roi_session:
         runtime=job_runtime("convert"),
     params:
         labels=roi_labels,
-        storage=config["storage"],
+        storage=config["roi_storage"],
     script:
         "../scripts/roi_session.py"
 
@@ -35,6 +35,6 @@ rule roi_store:
     params:
         sessions=lambda wildcards: sessions_of(wildcards.subject),
         labels=roi_labels,
-        storage=config["storage"],
+        storage=config["roi_storage"],
     script:
         "../scripts/roi_store.py"

@@ -130,3 +130,29 @@ def test_report_includes_the_memory_plot(demo_run: Path):
     run_snakemake(demo_run, "--report", "report.html")
     html = (demo_run / "report.html").read_text(errors="replace")
     assert "memory_requested_vs_measured.png" in html
+
+
+def test_loader_reads_the_workflow_roi_store_like_the_source(demo_run: Path):
+    torch = pytest.importorskip("torch")
+    import nibabel as nib
+
+    from nsdzarr.loader import BetasDataset
+
+    store = demo_run / "results/subj01/roi/nsdgeneral.zarr"
+    ds = BetasDataset(store, split="all")
+    assert len(ds) == 3 * 750
+    atlas = np.asarray(
+        nib.load(
+            demo_run / "resources/demo_nsd/nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz"
+        ).dataobj
+    )
+    src = demo_run / (
+        "resources/demo_nsd/nsddata_betas/ppdata/subj01/func1pt8mm/"
+        "betas_fithrf_GLMdenoise_RR/betas_session02.hdf5"
+    )
+    with h5py.File(src, "r") as f:
+        volume = f["betas"][17]
+    item = ds[750 + 17]
+    assert item["session"] == 2 and item["trial"] == 750 + 17
+    expected = torch.from_numpy(volume.T[atlas >= 1].astype(np.float32))  # MindEye order
+    assert torch.equal(item["betas"], expected)

@@ -24,7 +24,7 @@ from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.layout import TRIALS_PER_SESSION
 from nsdzarr.memory import STATS_ROWS
 from nsdzarr.nifti import load_nifti
-from nsdzarr.storage import StorageSettings, create_trial_array
+from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
 
 BETA_SCALE = 300
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
@@ -121,8 +121,9 @@ def session_stats(
     return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def roi_settings(settings: StorageSettings) -> StorageSettings:
-    """ROI stores: the configured codec, one trial per chunk, shards that never span sessions."""
+def roi_settings(settings: StorageSettings | None = None) -> StorageSettings:
+    """ROI stores: the given codec, one trial per chunk, shards that never span sessions."""
+    settings = settings or ROI_STORAGE
     per_shard = settings.trials_per_shard
     if TRIALS_PER_SESSION % per_shard:
         per_shard = TRIALS_PER_SESSION

@@ -40,6 +40,11 @@ class StorageSettings:
         return cls(**(section or {}))
 
 
+# ROI stores are read one random trial at a time by the loader: blosc-lz4 decodes ~1.8x
+# faster than zstd-1 there (benchmarks/README.md), for stores ~40% larger.
+ROI_STORAGE = StorageSettings(codec="blosc-lz4", level=5, shuffle="shuffle", trials_per_shard=50)
+
+
 def zarr_compressor(settings: StorageSettings, itemsize: int) -> Any:
     """The Zarr v3 compressor for these settings (Blosc with byte shuffle, or plain zstd)."""
     if settings.codec == "zstd":
