@@ -21,28 +21,29 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-def run_snakemake(
-    workdir: Path, *args: str, config: dict | None = None, check: bool = True, timeout: int = 900
-) -> subprocess.CompletedProcess:
-    """Run the workflow with ``workdir`` as working directory and ``config`` as its config file."""
+def snakemake_command(
+    workdir: Path, config: dict | None, *args: str, cores: int = 2
+) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of a workflow run in ``workdir``, writing ``config`` there."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "config.yaml"
     cfg.write_text(yaml.safe_dump(config if config is not None else default_config()))
     cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(cfg),
-        "--cores",
-        "2",
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(cfg),
+        "--cores", str(cores),
         *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    ]  # fmt: skip
+    return cmd, {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+def run_snakemake(
+    workdir: Path, *args: str, config: dict | None = None, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """Run the workflow with ``workdir`` as working directory and ``config`` as its config file."""
+    cmd, env = snakemake_command(workdir, config, *args)
     proc = subprocess.run(
         cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env
     )

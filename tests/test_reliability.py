@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +28,8 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
-import yaml
 import zarr
-from conftest import REPO, default_config, run_snakemake
+from conftest import default_config, run_snakemake, snakemake_command
 
 from nsdzarr import layout
 from nsdzarr.demo import DemoSpec, affine, roi_volumes, write_betas_hdf5, write_nifti_gz
@@ -517,23 +515,7 @@ def _run_until(workdir: Path, config: dict, pattern: str, *args: str) -> Path | 
     Returns the ``.*.incomplete-*`` folder that was being written, or None if the run ended
     without ``pattern`` appearing.
     """
-    cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(cfg),
-        "--cores",
-        "1",
-        *args,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    cmd, env = snakemake_command(workdir, config, *args, cores=1)
     with open(workdir / "killed_run.log", "a") as log:
         proc = subprocess.Popen(
             cmd,
