@@ -149,3 +149,25 @@ def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path)
         np.testing.assert_array_equal(
             zarr.open_group(target, mode="r")["betas"][...], f["betas"][...]
         )
+
+
+def test_parallel_shards_match_zarr_and_catch_corruption(demo_root: Path, tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nsdzarr import shards
+    from nsdzarr.convert import ShardIO
+
+    target = tmp_path / "p.zarr"
+    convert_session(demo_session(demo_root), target, threads=2)
+    group = zarr.open_group(target, mode="r")
+    betas = group["betas"]
+    assert shards.handles(betas)  # the default layout is written on all cores
+    with ThreadPoolExecutor(2) as pool:
+        io = ShardIO(betas, target, pool)
+        np.testing.assert_array_equal(io.read(100, 150), betas[100:150])
+        path = shards.shard_path(betas, target, 100)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(VerificationError, match=r"trials 100\.\.149|at trials \[1\d\d"):
+            verify_store(betas, group["plane_checksums"][...], target, io)
