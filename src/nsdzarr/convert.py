@@ -19,12 +19,12 @@ from nsdzarr import __version__, shards
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import VerificationError
 from nsdzarr.hdf5_read import SessionReader, check_finite
+from nsdzarr.layout import BETA_SCALE, BETA_UNITS
 from nsdzarr.memory import ConversionPlan, plan_conversion
 from nsdzarr.storage import StorageSettings, create_trial_array, trial_blocks
 
 log = logging.getLogger(__name__)
 
-BETA_SCALE = 300
 AXES = ("trial", "z", "y", "x")
 
 
@@ -234,7 +234,7 @@ def session_attrs(
         "source_dataset": "betas",
         "read_path": read_path,
         "scale": BETA_SCALE,
-        "units": "percent signal change x 300 (divide by scale for PSC)",
+        "units": BETA_UNITS,
         "axes": list(AXES),
         "shape_nifti_xyz": list(shape[:0:-1]),
         "nifti_relation": "betas[t] == nifti[..., t].T: (z, y, x) here is NIfTI (x, y, z) reversed",

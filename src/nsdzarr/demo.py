@@ -12,7 +12,7 @@ import scipy.io
 
 from nsdzarr import layout
 from nsdzarr.atomic import atomic_output
-from nsdzarr.layout import ROI_FILES, TRIALS_PER_SESSION, DemoSpec, demo_files
+from nsdzarr.layout import BETA_SCALE, ROI_FILES, TRIALS_PER_SESSION, DemoSpec, demo_files
 
 N_SUBJECTS = 8
 N_IMAGES_PER_SUBJECT = 10_000
@@ -21,7 +21,6 @@ N_NSD_IMAGES = 73_000
 SESSIONS_IN_DESIGN = 40
 RUNS_PER_SESSION = 12
 SLOTS_PER_RUN = 75
-BETA_SCALE = 300  # int16 betas are percent signal change x 300
 VOXEL_MM = 1.8
 VISUAL_ROI_LABELS = ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4")
 

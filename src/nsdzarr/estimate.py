@@ -13,7 +13,7 @@ import numpy as np
 from nsdzarr.atomic import atomic_output
 from nsdzarr.errors import InputError
 from nsdzarr.hdf5_read import SessionReader, betas_dataset
-from nsdzarr.layout import TRIALS_PER_SESSION
+from nsdzarr.layout import require_session_trials
 from nsdzarr.memory import (
     MB,
     SNAKEMAKE_JOB_BYTES,
@@ -131,12 +131,7 @@ def write_session_estimate(
 ) -> dict[str, Any]:
     """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically."""
     meta = session_metadata(source)
-    if meta["shape"][0] != TRIALS_PER_SESSION:
-        raise InputError(
-            source,
-            f"dataset 'betas' has {meta['shape'][0]} trials, expected {TRIALS_PER_SESSION} "
-            "(one NSD session)",
-        )
+    require_session_trials(source, meta["shape"][0])
     ratio = sample_compression_ratio(source, settings)
     roi_voxels = {name: count_roi_voxels(*spec) for name, spec in (rois or {}).items()}
     estimate = estimate_from_metadata(meta, settings, ratio, ceiling_mb, factor, roi_voxels)

@@ -9,6 +9,8 @@ from pathlib import Path
 from nsdzarr.errors import InputError
 
 TRIALS_PER_SESSION = 750  # every NSD session: 12 runs of 62 or 63 stimulus trials
+BETA_SCALE = 300  # int16 betas are percent signal change x 300
+BETA_UNITS = "percent signal change x 300 (divide by scale for PSC)"
 SESSION_FILE = re.compile(r"^betas_session(\d{2})\.hdf5$")
 # Atlases the demo release ships (a subset of the real release's roi/ folder).
 ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")
@@ -42,6 +44,16 @@ def stim_info_path(root: str | Path) -> Path:
 def roi_path(root: str | Path, subject: str, space: str, file: str) -> Path:
     """``{root}/nsddata/ppdata/{subject}/{space}/roi/{file}``."""
     return Path(root) / "nsddata" / "ppdata" / subject / space / "roi" / file
+
+
+def require_session_trials(path: str | Path, n_trials: int) -> None:
+    """Raise a one-line error unless ``path`` holds one NSD session's 750 trials."""
+    if n_trials != TRIALS_PER_SESSION:
+        raise InputError(
+            path,
+            f"dataset 'betas' has {n_trials} trials, expected {TRIALS_PER_SESSION} "
+            "(one NSD session)",
+        )
 
 
 def sessions_present(root: str | Path, subject: str, space: str, beta_version: str) -> list[int]:

@@ -21,12 +21,11 @@ from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import SessionReader, check_finite
-from nsdzarr.layout import TRIALS_PER_SESSION
+from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_session_trials
 from nsdzarr.memory import STATS_ROWS
 from nsdzarr.nifti import load_nifti
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
 
-BETA_SCALE = 300
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 
 
@@ -146,8 +145,7 @@ def extract_session(
     with SessionReader(source) as reader:
         mask = load_roi_mask(mask_path, labels, tuple(reader.shape[1:]))
         betas = reader.read_voxels(np.stack(mask.zyx, axis=1))
-    if betas.shape[0] != TRIALS_PER_SESSION:
-        raise InputError(source, f"session has {betas.shape[0]} trials, expected 750")
+    require_session_trials(source, betas.shape[0])
     check_finite(betas, source)
     use = np.isin(split, stats_splits)
     mean, std = session_stats(betas, use)
@@ -251,7 +249,7 @@ def roi_attrs(
         "shape_nifti_xyz": [x, y, z],
         "shape_hdf5_zyx": [z, y, x],
         "scale": BETA_SCALE,
-        "units": "percent signal change x 300 (divide by scale for PSC)",
+        "units": BETA_UNITS,
         "column_order": COLUMN_ORDER,
         "sessions": list(sessions),
         "rows": "global trial order of the sessions listed, aligned 1:1 with trials.tsv",
