@@ -1,4 +1,5 @@
 # Config validation, path helpers and resource functions. Functions only: rules live elsewhere.
+import functools
 import sys
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def demo_spec():
     )
 
 
+@functools.cache
 def sessions_of(subject):
     """Session numbers configured for a subject (`all` = files present, or the demo's)."""
     if config["sessions"] != "all":
@@ -129,12 +131,8 @@ def stim_info_csv(wildcards):
 
 def affine_source(wildcards):
     """An atlas file of the subject whose affine the session store records (first ROI), if any."""
-    files = [roi["file"] for roi in config["rois"].values()]
-    if not files:
-        return []
-    return [
-        str(layout.roi_path(NSD_ROOT, wildcards.subject, config["space"], files[0]))
-    ]
+    first = next(iter(config["rois"]), None)
+    return [] if first is None else [roi_mask_path(wildcards.subject, first)]
 
 
 def estimate_mem_mb(wildcards, input, attempt):
@@ -143,10 +141,14 @@ def estimate_mem_mb(wildcards, input, attempt):
 
 
 def job_mem(job):
-    """`mem_mb` callable of a heavy rule: its session estimate x attempt, capped by the ceiling."""
+    """`mem_mb` callable of a heavy rule: its session estimate x attempt, capped by the ceiling.
+
+    `job` is the estimate's job key, formatted with the wildcards (e.g. "roi_session/{roi}").
+    """
 
     def mem_mb(wildcards, input, attempt):
-        return job_mem_mb(input.estimate, job, attempt, config["memory"]["ceiling_mb"])
+        key = job.format(**wildcards)
+        return job_mem_mb(input.estimate, key, attempt, config["memory"]["ceiling_mb"])
 
     return mem_mb
 
@@ -155,7 +157,7 @@ def job_runtime(job):
     """`runtime` callable (minutes) of a heavy rule, from its session estimate x attempt."""
 
     def runtime(wildcards, input, attempt):
-        return job_runtime_min(input.estimate, job, attempt)
+        return job_runtime_min(input.estimate, job.format(**wildcards), attempt)
 
     return runtime
 
@@ -182,16 +184,6 @@ def roi_parts(wildcards):
         f"results/{wildcards.subject}/roi/{wildcards.roi}.parts/session{s:02d}.zarr"
         for s in sessions_of(wildcards.subject)
     ]
-
-
-def roi_job_mem(wildcards, input, attempt):
-    """`mem_mb` of one ROI session job, from its session estimate x attempt, capped."""
-    return job_mem_mb(
-        input.estimate,
-        f"roi_session/{wildcards.roi}",
-        attempt,
-        config["memory"]["ceiling_mb"],
-    )
 
 
 def subject_rois(wildcards):

@@ -13,8 +13,8 @@ rule roi_session:
     conda:
         "../envs/nsdzarr.yaml"
     resources:
-        mem_mb=roi_job_mem,
-        runtime=job_runtime("convert"),
+        mem_mb=job_mem("roi_session/{roi}"),
+        runtime=job_runtime("roi_session/{roi}"),
     params:
         labels=roi_labels,
         storage=config["roi_storage"],
