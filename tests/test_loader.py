@@ -286,7 +286,7 @@ def test_persistent_workers_keep_fds_and_memory_flat(
 ):
     psutil = pytest.importorskip("psutil")
     # forked workers inherit this: streaming batches must always find a freed buffer slot
-    monkeypatch.setattr(loader_module, "_shared_empty", no_fresh_shared_memory)
+    monkeypatch.setattr(loader_module, "shared_empty", no_fresh_shared_memory)
     ds = BetasDataset(store, split="all", max_open_files=16)  # 45 shards: the LRU works
     loader = ds.dataloader(
         batch_size=32,

@@ -1,9 +1,9 @@
 """Whole Zarr v3 shards of zstd chunks, encoded and decoded on every core.
 
-zarr-python encodes a shard's chunks one at a time under the GIL; zstandard releases it, so a
-thread pool uses both cores. Only the layout our stores use is handled here: ``bytes`` (little
-endian) + ``zstd`` inner codecs, index at the end with ``bytes`` + ``crc32c``. Tests check that
-zarr-python reads these shards back exactly.
+zarr-python encodes a shard's chunks one at a time under the GIL; zstandard (encoding) and
+``zarr_v3.Decoder`` (decoding) release it, so a thread pool uses both cores. Only the layout
+our stores use is handled here: ``bytes`` (little endian) + ``zstd`` inner codecs, index at
+the end with ``bytes`` + ``crc32c``. Tests check that zarr-python reads these shards back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import google_crc32c
 import numpy as np
 import zarr
 import zstandard
+
+from nsdzarr.errors import InputError
+from nsdzarr.zarr_v3 import Decoder, index_nbytes, parse_layout, parse_shard_index
 
 _local = threading.local()
 
@@ -49,12 +52,6 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     if comp is None or _local.level != level:
         _local.compressor, _local.level = zstandard.ZstdCompressor(level=level), level
     return _local.compressor
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    if getattr(_local, "decompressor", None) is None:
-        _local.decompressor = zstandard.ZstdDecompressor()
-    return _local.decompressor
 
 
 def shard_path(arr: zarr.Array, store_root: str | os.PathLike[str], first_row: int) -> Path:
@@ -103,20 +100,25 @@ def read_shard(
     pool: ThreadPoolExecutor,
 ) -> np.ndarray:
     """Decode the shard holding rows ``[first_row, first_row + n_rows)`` from its file."""
-    data = shard_path(arr, store_root, first_row).read_bytes()
-    n_chunks = arr.shards[0] // arr.chunks[0]
-    raw_index = data[-(16 * n_chunks + 4) : -4]
-    if google_crc32c.value(raw_index) != int.from_bytes(data[-4:], "little"):
-        raise ValueError("shard index checksum mismatch")
-    index = np.frombuffer(raw_index, dtype="<u8").reshape(n_chunks, 2)
+    path = shard_path(arr, store_root, first_row)
+    _, lay = parse_layout(Path(store_root) / arr.path)
+    data = path.read_bytes()
+    n_index = index_nbytes(lay)
+    index = parse_shard_index(
+        lay, data[-n_index:] if len(data) >= n_index else b"", len(data), str(path)
+    )
+    buf = np.frombuffer(data, np.uint8)
     out = np.empty((n_rows, *arr.shape[1:]), dtype=arr.dtype)
     rows = arr.chunks[0]
 
     def decode(k: int) -> None:
         offset, size = (int(v) for v in index[k])
-        raw = _decompressor().decompress(data[offset : offset + size])
-        piece = out[k * rows : (k + 1) * rows]
-        piece.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+        dec = getattr(_local, "decoder", None) or Decoder("zstd")
+        _local.decoder = dec
+        try:
+            dec.into(buf[offset : offset + size], out[k * rows : (k + 1) * rows])
+        except ValueError as exc:
+            raise InputError(path, f"chunk {k} cannot be decoded ({exc}); store corrupt") from exc
 
     list(pool.map(decode, range(-(-n_rows // rows))))
     return out

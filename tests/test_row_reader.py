@@ -1,0 +1,146 @@
+"""The shard row reader and zarr_v3 decoding against zarr-python, over the layouts they accept."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+from nsdzarr import shards
+from nsdzarr.errors import InputError
+from nsdzarr.row_reader import ShardRows
+from nsdzarr.zarr_v3 import Decoder, parse_layout, read_array
+
+LAYOUTS = {
+    # name: (chunks, shards, compressor, dtype, endian)
+    "sharded-zstd-1row": ((1, 37), (10, 37), ZstdCodec(level=1), "<i2", "little"),
+    "sharded-blosc-3rows": ((3, 37), (12, 37), BloscCodec(cname="lz4", clevel=5), "<i2", "little"),
+    "sharded-raw-1row": ((1, 37), (8, 37), None, "<f4", "little"),
+    "unsharded-zstd-4rows": ((4, 37), None, ZstdCodec(level=3), "<i2", "little"),
+    "sharded-zstd-bigendian": ((2, 37), (10, 37), ZstdCodec(level=1), ">i2", "big"),
+}
+
+
+def write(path: Path, data: np.ndarray, name: str) -> zarr.Array:
+    chunks, shard, comp, dtype, endian = LAYOUTS[name]
+    arr = zarr.create_array(
+        str(path),
+        shape=data.shape,
+        chunks=chunks,
+        shards=shard,
+        dtype=np.dtype(dtype).newbyteorder("="),
+        compressors=comp,
+        serializer=BytesCodec(endian=endian),
+        fill_value=-7,
+        zarr_format=3,
+    )
+    arr[...] = data
+    return arr
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def array(request, tmp_path: Path) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(3)
+    dtype = np.dtype(LAYOUTS[request.param][3]).newbyteorder("=")
+    data = (rng.normal(size=(103, 37)) * 300).astype(dtype)
+    write(tmp_path / "a", data, request.param)
+    return tmp_path / "a", data
+
+
+def test_random_rows_with_repeats_equal_zarr_python(array):
+    path, data = array
+    _, lay = parse_layout(path)
+    assert lay is not None
+    reader = ShardRows(lay, max_open=3)
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 32, 200):  # 200 > rows: every batch repeats rows
+        rows = rng.integers(0, len(data), n)
+        out = np.empty((n, data.shape[1]), dtype=lay.dtype)
+        reader.read_rows(rows, out)
+        np.testing.assert_array_equal(out, data[rows])
+        assert len(reader.fds) <= 3  # the LRU bound holds between batches
+    everything = np.empty((len(data), data.shape[1]), dtype=lay.dtype)
+    reader.read_rows(np.arange(len(data)), everything)  # coalesced whole-object reads
+    np.testing.assert_array_equal(everything, data)
+    with ThreadPoolExecutor(1) as pool:  # half of the runs decoded on another thread
+        rows = rng.permutation(len(data))
+        reader.read_rows(rows, everything, pool)
+        np.testing.assert_array_equal(everything, data[rows])
+    np.testing.assert_array_equal(read_array(path), data)
+    reader.close()
+    assert not reader.fds
+
+
+def test_absent_shard_and_empty_chunks_read_as_fill_value(tmp_path: Path):
+    data = np.arange(40 * 37, dtype=np.int16).reshape(40, 37)
+    data[10:20] = -7  # zarr-python writes no chunk equal to the fill value
+    arr = write(tmp_path / "a", data, "sharded-zstd-1row")
+    assert np.array_equal(arr[...], data)
+    os.remove(tmp_path / "a" / "c" / "3" / "0")  # rows 30..39: the whole shard absent
+    data[30:40] = -7
+    _, lay = parse_layout(tmp_path / "a")
+    out = np.empty((40, 37), np.int16)
+    ShardRows(lay, 8).read_rows(np.arange(40)[::-1], out)
+    np.testing.assert_array_equal(out, data[::-1])
+
+
+def test_damaged_shard_gives_one_line_errors(tmp_path: Path):
+    data = np.arange(30 * 37, dtype=np.int16).reshape(30, 37)
+    write(tmp_path / "a", data, "sharded-zstd-1row")
+    shard = tmp_path / "a" / "c" / "1" / "0"
+    raw = bytearray(shard.read_bytes())
+    _, lay = parse_layout(tmp_path / "a")
+    raw[5] ^= 0xFF  # inside the first chunk's zstd frame
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="cannot be decoded") as e:
+        ShardRows(lay, 8).read_rows(np.array([10]), np.empty((1, 37), np.int16))
+    assert str(shard) in str(e.value) and "\n" not in str(e.value)
+    raw[-1] ^= 0xFF  # the index checksum
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="checksum"):
+        ShardRows(lay, 8).read_rows(np.array([10]), np.empty((1, 37), np.int16))
+    shard.write_bytes(bytes(raw[:100]))
+    with pytest.raises(InputError, match="truncated"):
+        ShardRows(lay, 8).read_rows(np.array([10]), np.empty((1, 37), np.int16))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_decoder_rejects_wrong_sizes(codec: str):
+    import numcodecs
+
+    row = np.arange(100, dtype=np.int16)
+    enc = numcodecs.Zstd(1).encode(row) if codec == "zstd" else numcodecs.Blosc("lz4").encode(row)
+    src = np.frombuffer(enc, np.uint8)
+    out = np.empty(100, np.int16)
+    Decoder(codec).into(src, out)
+    np.testing.assert_array_equal(out, row)
+    with pytest.raises(ValueError):
+        Decoder(codec).into(src, np.empty(99, np.int16))
+    with pytest.raises(ValueError):
+        Decoder(codec).into(src[:-3], out)
+
+
+def test_converter_shards_read_back_through_the_shared_index_parser(tmp_path: Path):
+    from nsdzarr.storage import StorageSettings, create_trial_array
+
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    arr = create_trial_array(
+        group, "betas", (100, 3, 4), np.int16, StorageSettings(), ("t", "z", "y")
+    )
+    block = np.arange(50 * 12, dtype=np.int16).reshape(50, 3, 4)
+    with ThreadPoolExecutor(2) as pool:
+        shards.write_shard(arr, tmp_path / "s.zarr", 50, block, pool)
+        np.testing.assert_array_equal(
+            shards.read_shard(arr, tmp_path / "s.zarr", 50, 50, pool), block
+        )
+        path = shards.shard_path(arr, tmp_path / "s.zarr", 50)
+        raw = bytearray(path.read_bytes())
+        raw[-6] ^= 1
+        path.write_bytes(bytes(raw))
+        with pytest.raises(InputError, match="checksum"):
+            shards.read_shard(arr, tmp_path / "s.zarr", 50, 50, pool)
