@@ -327,12 +327,15 @@ def test_worker_buffers_survive_kept_batches(store: Path, truth: dict):
     assert len(kept) > 2 * 16
     for batch in kept:
         np.testing.assert_array_equal(batch["betas"].numpy(), ref[rows_of(truth, batch["trial"])])
-    views = [b["betas"][:2] for b in kept[:20]]  # views keep their slot too
+    betas = [b["betas"][:2] for b in kept[:20]]  # views keep their slot too
+    trials = [b["trial"][-2:] for b in kept[20:40]]  # so do views of the metadata alone
     del kept
     for _ in loader:  # workers reuse freed slots meanwhile
         pass
-    for v, start in zip(views, range(0, 320, 16), strict=True):
+    for v, start in zip(betas, range(0, 320, 16), strict=True):
         np.testing.assert_array_equal(v.numpy(), ref[start : start + 2])
+    for v, start in zip(trials, range(320 + 14, 640, 16), strict=True):
+        np.testing.assert_array_equal(v.numpy(), truth["trial"][start : start + 2])
 
 
 def test_fork_after_the_parent_read(store: Path, truth: dict):

@@ -2,13 +2,13 @@
 
 torch sends a worker's batch tensors through fresh shared memory, one new segment per tensor
 and batch: the worker faults every page in, the main process maps it again, ~4 us per 4 KiB
-page on our VMs, more than decoding the rows. A worker instead writes batches into slots of
-one memfd it keeps (pages faulted once); the betas tensor pickles as (pool, slot) and the
-main process maps the pool once and wraps the slot without copying. A slot is reused only
-when freed: by the main process once nothing there references the tensor any more (a
-finalizer on the array behind it), or by the worker when the tensor was never sent. No free
-slot (batches kept alive) or no memfd: torch's usual path. Small metadata tensors pickle by
-value (``WorkerBatch``).
+page on our VMs, more than decoding the rows. A worker instead writes each batch, betas and
+metadata, into a slot of one memfd it keeps (pages faulted once); the batch pickles as a few
+numbers (pool, slot, where each tensor lies) and the main process maps the pool once and
+wraps the slot without copying. A slot is reused only when freed: by the main process once
+none of the batch's tensors is alive (a finalizer on the array behind them), or by the worker
+when the batch was never sent. No free slot (batches kept alive) or no memfd: torch's usual
+path for the betas, small tensors by value.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
 
 _SLOTS = 16
 _HEADER = 4096  # state (uint8) x 16 at 0, generation (uint32) x 16 at 1024, token at 2048
+_ALIGN = 64
 _MAPPED: OrderedDict[tuple[int, int, int], Any] = OrderedDict()  # main process: pools
 
 
@@ -57,32 +58,67 @@ class BatchPool:
         token = secrets.randbits(62)
         np.frombuffer(self.mm, np.uint64, 1, 2048)[0] = token
         self.key = (os.getpid(), self.fd, token)
+        self.addr = self.state.ctypes.data
         self.lock = threading.Lock()  # take() vs finalizers running in the feeder thread
 
-    def take(self, shape: tuple[int, int]) -> torch.Tensor | None:
-        """A float32 tensor in a free slot, or None."""
-        numel = shape[0] * shape[1]
-        if numel * 4 > self.slot_bytes:
-            return None
+    def take(self) -> Slot | None:
+        """A free slot (reused once nothing here uses it, unless it was sent), or None."""
         with self.lock:
-            free = np.flatnonzero(self.state == 0)
-            if not free.size:
+            i = self.mm.find(b"\0", 0, _SLOTS)  # state 0: free (the main process frees too)
+            if i < 0:
                 return None
-            i = int(free[0])
             self.gen[i] += 1
             gen = int(self.gen[i])
             self.state[i] = 1
         offset = _HEADER + i * self.slot_bytes
-        arr = np.frombuffer(self.mm, np.float32, numel, offset).reshape(shape)
-        weakref.finalize(arr, self._release, i, gen)  # fires once no tensor uses the slot
-        t = torch.from_numpy(arr).as_subclass(_PoolTensor)
-        t._nsdzarr_slot = (self, i, gen, offset)
-        return t
+        base = np.frombuffer(self.mm, np.uint8, self.slot_bytes, offset)
+        weakref.finalize(base, self._release, i, gen)  # fires once no view of it is alive
+        return Slot(self, i, gen, offset, base)
 
     def _release(self, i: int, gen: int) -> None:
         with self.lock:
             if int(self.gen[i]) == gen and self.state[i] == 1:
                 self.state[i] = 0
+
+
+class Slot:
+    """One batch's memory in a pool: arrays are carved from it one after another."""
+
+    def __init__(self, pool: BatchPool, index: int, gen: int, offset: int, base: np.ndarray):
+        self.pool, self.index, self.gen, self.offset = pool, index, gen, offset
+        self.base, self.used = base, 0
+        self.addr = pool.addr + offset
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialized array in the slot."""
+        dtype = np.dtype(dtype)
+        n = math.prod(shape) * dtype.itemsize
+        start = -(-self.used // _ALIGN) * _ALIGN
+        if start + n > len(self.base):
+            raise ValueError("batch does not fit its slot")
+        self.used = start + n
+        return self.base[start : start + n].view(dtype).reshape(shape)
+
+    def copy(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` copied into the slot."""
+        out = self.empty(arr.shape, arr.dtype)
+        out[...] = arr
+        return out
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """Where a contiguous tensor lies in the slot (None if elsewhere)."""
+        off = t.data_ptr() - self.addr
+        inside = off >= 0 and off + t.numel() * t.element_size() <= len(self.base)
+        return off if inside and t.is_contiguous() else None
+
+    def send(self) -> tuple[tuple[int, int, int], int, int, int]:
+        """Hand the slot to the main process (which frees it); once only."""
+        pool = self.pool
+        with pool.lock:
+            if int(pool.gen[self.index]) != self.gen or pool.state[self.index] != 1:
+                raise RuntimeError("a pooled batch was sent twice")
+            pool.state[self.index] = 2
+        return pool.key, self.index, self.offset, self.used
 
 
 def _map_pool(key: tuple[int, int, int]) -> Any:
@@ -96,7 +132,7 @@ def _map_pool(key: tuple[int, int, int]) -> Any:
         with contextlib.suppress(BufferError):
             _MAPPED.pop(old).close()
     pid, fd, token = key
-    f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     try:
         mm = mmap.mmap(f, 0)
     finally:
@@ -113,60 +149,51 @@ def _free_slot(mm: Any, slot: int) -> None:
         mm[slot] = 0
 
 
-def _rebuild_pooled(key: tuple[int, int, int], slot: int, offset: int, shape: Any) -> Any:
-    """Unpickling in the main process: a tensor over the slot, freed when it is collected."""
-    mm = _map_pool(key)
-    arr = np.frombuffer(mm, np.float32, math.prod(shape), offset).reshape(tuple(shape))
-    weakref.finalize(arr, _free_slot, mm, slot)  # after every tensor/view of it is gone
-    return torch.from_numpy(arr)
-
-
-class _PoolTensor(torch.Tensor):
-    """A batch tensor living in a worker's pool slot; pickles as a reference to the slot."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        info = getattr(self, "_nsdzarr_slot", None)
-        if info is None or info[0].key[0] != os.getpid():
-            return (torch.as_tensor, (self.numpy().copy(),))
-        pool, i, gen, offset = info
-        with pool.lock:
-            if int(pool.gen[i]) != gen or pool.state[i] != 1:
-                raise RuntimeError("a pooled batch tensor was sent twice")
-            pool.state[i] = 2  # the main process frees it after copying
-        return (_rebuild_pooled, (pool.key, i, offset, tuple(self.shape)))
-
-
 class WorkerBatch(dict):
-    """A collated batch made in a DataLoader worker; pickles in one piece.
+    """A collated batch made in a DataLoader worker; pickles as a few numbers.
 
-    The small metadata tensors travel by value in one array (torch would give each its own
-    shared memory segment), the betas as a pool slot reference (``_PoolTensor``). Unpickled,
-    it is a plain dict of plain tensors.
+    Tensors in the batch's pool slot travel as (dtype, shape, offset) in the slot; other
+    small tensors by value (torch would give each its own shared memory segment). Unpickled,
+    it is a plain dict of plain tensors over the slot, which is freed when they are gone.
     """
 
+    slot: Slot | None = None
+
     def __reduce__(self) -> Any:
-        n = len(self["subject"])
-        small = [k for k, v in self.items() if isinstance(v, torch.Tensor) and k != "betas"]
-        if any(self[k].dtype != torch.int64 or self[k].shape[:1] != (n,) for k in small):
-            return (dict, (dict(self),))
-        block = np.concatenate([self[k].numpy().reshape(n, -1) for k in small] or [[]], axis=1)
-        tails = [tuple(self[k].shape[1:]) for k in small]
-        rest = {k: (None if k in small else v) for k, v in self.items()}  # keeps key order
-        return (_rebuild_batch, (rest, small, tails, np.ascontiguousarray(block, np.int64)))
+        in_slot, by_value, rest = [], [], {}
+        for key, v in self.items():
+            off = self.slot.offset_of(v) if isinstance(v, torch.Tensor) and self.slot else None
+            if off is not None:
+                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), off))
+                v = None
+            elif isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
+                by_value.append(key)
+                v = v.numpy()
+            rest[key] = v  # keeps key order
+        ticket = self.slot.send() if in_slot else None
+        return (_rebuild_batch, (ticket, in_slot, by_value, rest))
 
 
 def _rebuild_batch(
-    rest: dict[str, Any], keys: list[str], tails: list[tuple[int, ...]], block: np.ndarray
+    ticket: Any,
+    in_slot: list[tuple[str, str, tuple[int, ...], int]],
+    by_value: list[str],
+    rest: dict,
 ) -> dict[str, Any]:
-    col = 0
-    for key, tail in zip(keys, tails, strict=True):
-        width = math.prod(tail)
-        rest[key] = torch.from_numpy(block[:, col : col + width].reshape(-1, *tail))
-        col += width
+    """Unpickling in the main process: tensors over the worker's slot, freed once collected."""
+    if ticket is not None:
+        key, index, offset, nbytes = ticket
+        mm = _map_pool(key)
+        base = np.frombuffer(mm, np.uint8, nbytes, offset)
+        weakref.finalize(base, _free_slot, mm, index)  # after every tensor/view of it is gone
+        for name, dtype, shape, off in in_slot:
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            rest[name] = torch.from_numpy(base[off : off + size].view(dtype).reshape(shape))
+    for name in by_value:
+        rest[name] = torch.from_numpy(rest[name])
     return rest
 
 
 def pool_available() -> bool:
+    """Whether this system has memfd and /proc, which the pool needs."""
     return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")

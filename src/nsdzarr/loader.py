@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from nsdzarr.batch_transport import BatchPool, WorkerBatch, pool_available, shared_empty
+from nsdzarr.batch_transport import BatchPool, Slot, WorkerBatch, pool_available, shared_empty
 from nsdzarr.errors import InputError
 from nsdzarr.row_reader import ShardRows, ZarrRows
 from nsdzarr.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
@@ -61,6 +61,8 @@ SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
 MAX_REPEATS = 3
 TRIAL_COLUMNS = ("trial", "session", "nsd_id", "repeat", "split")
+# int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
+META_BYTES_PER_ITEM = 8 * 11
 
 # --------------------------------------------------------------------------- store metadata
 
@@ -253,22 +255,19 @@ class _Runtime:
             buf = self.scratch[key] = np.empty((max(n, 64), n_vox), dtype=dtype)
         return buf[:n]
 
-    def batch_tensor(self, shape: tuple[int, int], pooled: bool) -> torch.Tensor:
-        """Output of one batch: plain memory here, a pool slot or shared memory in a worker."""
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=torch.float32)
-        if pooled and shape[0] * shape[1]:
-            if self.pool is None or shape[0] * shape[1] * 4 > self.pool.slot_bytes:
-                if self.pool is not None:
-                    self.old_pools.append(self.pool)  # its slots may still be in flight
-                try:
-                    self.pool = BatchPool(shape[0] * shape[1] * 4)
-                except OSError:  # no memfd / fd limit: torch's path
-                    self.pool = None
-            t = self.pool.take(shape) if self.pool is not None else None
-            if t is not None:
-                return t
-        return shared_empty(shape)
+    def slot(self, nbytes: int, pooled: bool) -> Slot | None:
+        """Memory for one batch in this DataLoader worker's pool (None: not in a worker, or
+        no free slot, or no memfd)."""
+        if not pooled or get_worker_info() is None or nbytes == 0:
+            return None
+        if self.pool is None or nbytes > self.pool.slot_bytes:
+            if self.pool is not None:
+                self.old_pools.append(self.pool)  # its slots may still be in flight
+            try:
+                self.pool = BatchPool(nbytes)
+            except OSError:  # no memfd / fd limit: torch's path
+                self.pool = None
+        return self.pool.take() if self.pool is not None else None
 
     def close(self) -> None:
         for reader in self.readers:
@@ -611,7 +610,15 @@ class BetasDataset(Dataset):
             rows = group[group >= 0]  # group-major
             stores = np.repeat(item_store, counts)
         s0 = int(item_store[0]) if len(idx) else 0
-        betas = rt.batch_tensor((len(idx), self.stores[s0].n_voxels), self.pooled_batches)
+        shape = (len(idx), self.stores[s0].n_voxels)
+        nbytes = len(idx) * (4 * shape[1] + META_BYTES_PER_ITEM) + 512  # + alignment of 6 arrays
+        slot = rt.slot(nbytes, self.pooled_batches)
+        if slot is not None:
+            betas = torch.from_numpy(slot.empty(shape, np.float32))
+        elif get_worker_info() is not None:
+            betas = shared_empty(shape)
+        else:
+            betas = torch.empty(shape, dtype=torch.float32)
         if len(idx):
             raw = self._read_raw(rt, stores, rows)
             out = betas.numpy()
@@ -623,26 +630,30 @@ class BetasDataset(Dataset):
                 starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
                 np.add.reduceat(norm, starts, axis=0, out=out)
                 out /= counts[:, None].astype(np.float32)
-        collated: dict[str, Any] = {"betas": betas}
         if counts is None:
             cols = self._columns(item_store, rows)
-            collated.update({k: torch.from_numpy(v) for k, v in cols.items()})
         else:
-            first = self._columns(item_store, group[:, 0])
-            collated["nsd_id"] = torch.from_numpy(first["nsd_id"])
+            cols = {"nsd_id": self._columns(item_store, group[:, 0])["nsd_id"]}
             for key in ("trial", "session", "repeat"):
                 vals = np.full(group.shape, -1, dtype=np.int64)
                 for s in np.unique(item_store).tolist():
                     mine = item_store == s
                     g = group[mine]
                     vals[mine] = np.where(g >= 0, self.stores[s].columns[key][np.maximum(g, 0)], -1)
-                collated[key] = torch.from_numpy(vals)
-            collated["n_repeats"] = torch.from_numpy(counts.astype(np.int64))
+                cols[key] = vals
+            cols["n_repeats"] = counts.astype(np.int64)
+        collated: dict[str, Any] = {"betas": betas}
+        for key, v in cols.items():
+            collated[key] = torch.from_numpy(slot.copy(v) if slot is not None else v)
         if self._single:
             collated["subject"] = [self.stores[0].subject] * len(idx)
         else:
             collated["subject"] = [self.stores[s].subject for s in item_store.tolist()]
-        return WorkerBatch(collated) if get_worker_info() is not None else collated
+        if get_worker_info() is None:
+            return collated
+        batch = WorkerBatch(collated)
+        batch.slot = slot
+        return batch
 
     def _columns(self, stores: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
         keys = ("nsd_id", "trial", "session", "repeat")
