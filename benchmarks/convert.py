@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 
+from nsdzarr.convert import store_stats  # noqa: E402
 from nsdzarr.demo import write_synthetic_session  # noqa: E402
 
 DEFAULT_SOURCE = HERE / "data" / "nsd_session_750x83x104x81.hdf5"
@@ -31,9 +32,6 @@ PRELUDE = textwrap.dedent(
     f"""
     import json, os, resource, sys, time
     sys.path.insert(0, {str(SRC)!r})
-    def tree(p):
-        files = [os.path.join(r, n) for r, _, ns in os.walk(p) for n in ns]
-        return sum(os.path.getsize(f) for f in files), len(files)
     """
 )
 
@@ -58,9 +56,7 @@ convert_session(SOURCE, TARGET, StorageSettings(**SETTINGS), memory_budget_bytes
 
 EPILOGUE = """
 wall = time.perf_counter() - t
-size, files = tree(TARGET)
-print(json.dumps({"wall": wall, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "size": size, "files": files}))
+print(json.dumps({"wall": wall, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -71,7 +67,9 @@ def run_variant(body: str, source: Path, target: Path, **params: object) -> dict
     )
     code = PRELUDE + header + textwrap.dedent(body) + EPILOGUE
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures["size"], figures["files"] = store_stats(target)
+    return figures
 
 
 def main() -> None:

@@ -136,8 +136,9 @@ def affine_source(wildcards):
 
 
 def estimate_mem_mb(wildcards, input, attempt):
-    """Memory of the estimate job itself, from the source's HDF5 header."""
-    return attempt * estimate_job_mem_mb(input.betas, config["memory"]["factor"])
+    """Memory of the estimate job itself, from the source's HDF5 header, capped by the ceiling."""
+    memory = config["memory"]
+    return estimate_job_mem_mb(input.betas, memory["factor"], attempt, memory["ceiling_mb"])
 
 
 def job_mem(job):

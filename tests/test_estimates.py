@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nsdzarr import layout
-from nsdzarr.demo import DemoSpec
+from nsdzarr.demo import DemoSpec, write_betas_hdf5
 from nsdzarr.errors import InputError
 from nsdzarr.estimate import write_session_estimate
 from nsdzarr.memory import MB, SNAKEMAKE_JOB_BYTES, budget_bytes, plan_conversion
 from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.resources import estimate_job_mem_mb
 from nsdzarr.storage import StorageSettings
 from nsdzarr.summary import write_summary
 
@@ -96,3 +98,13 @@ def test_summary_from_the_demo_run(demo_run: Path, tmp_path: Path):
     assert text.count("subj01 convert session") == 3
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((tmp_path / "e.tsv").read_text().splitlines()) == 4
+
+
+def test_estimate_job_requests_scale_with_attempts_under_the_ceiling(tmp_path: Path):
+    source = tmp_path / "betas_session01.hdf5"
+    write_betas_hdf5(source, np.zeros((750, 6, 7, 8), dtype=np.int16))
+    first = estimate_job_mem_mb(source)
+    assert first > 0
+    assert estimate_job_mem_mb(source, attempt=3) == 3 * first
+    assert estimate_job_mem_mb(source, attempt=3, ceiling_mb=first + 1) == first + 1
+    assert estimate_job_mem_mb(source, factor=2.0) > first  # the safety factor applies

@@ -40,8 +40,14 @@ def estimate_peak_bytes(shape: tuple[int, ...], itemsize: int) -> int:
     )
 
 
-def estimate_job_mem_mb(source: str | os.PathLike[str], factor: float = 1.0) -> int:
-    """``mem_mb`` of the estimate job itself, from the source's HDF5 header only."""
+def estimate_job_mem_mb(
+    source: str | os.PathLike[str],
+    factor: float = 1.0,
+    attempt: int = 1,
+    ceiling_mb: int | None = None,
+) -> int:
+    """``mem_mb`` of the estimate job itself on try ``attempt``, from the source's HDF5 header
+    only, capped by the ceiling like every other job."""
     import h5py  # here, not at module level: the workflow imports this module to plan jobs
 
     try:
@@ -50,4 +56,5 @@ def estimate_job_mem_mb(source: str | os.PathLike[str], factor: float = 1.0) -> 
             peak = estimate_peak_bytes(dset.shape, dset.dtype.itemsize)
     except Exception:  # the job itself reports a bad file with a one-line error
         peak = BASELINE_BYTES
-    return request_mb(peak, factor)
+    mem = request_mb(peak, factor) * attempt
+    return min(mem, ceiling_mb) if ceiling_mb else mem
