@@ -1,6 +1,6 @@
 """Benchmark random trial reads for training: nsdzarr.loader vs zarr-python, tensorstore, h5py.
 
-Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--lz4] [--build-only]
+Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -12,8 +12,10 @@ array in one contiguous HDF5 dataset. The page cache is warmed first (warm-cache
 Every method reads the same random trials in one process; rounds run the methods
 round-robin and the best round is kept (the machine is shared, so the best round is the least
 disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none").
-Prints one table with throughput and the ratio to zarr-python. ``--lz4`` adds a blosc-lz4 copy
-of the store (decoding zstd-1 is what limits the disk path; lz4 decodes ~2.5x faster).
+Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store and a
+blosc-lz4 copy (``nsdgeneral-lz4.zarr``, the ROI stores' default codec). Then DataLoaders
+over the blosc-lz4 copy with 0, 1, 2 workers, with the CPU each process spends per batch,
+beside a no-op dataset (what torch's DataLoader itself costs per batch) and larger batches.
 """
 
 from __future__ import annotations
@@ -141,38 +143,130 @@ def rate(fn: Callable[[int], object], per_call: int, seconds: float, n_ops: int)
             return calls * per_call / elapsed
 
 
+# --------------------------------------------------------------------------- DataLoader
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class NoopBatches:
+    """A map dataset whose batches cost nothing: what torch's DataLoader alone costs."""
+
+    def __len__(self) -> int:
+        return N_TRIALS
+
+    def __getitems__(self, idx: list[int]) -> list[int]:
+        return list(idx)
+
+
+def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], rounds: int):
+    """Trials/s and CPU µs per batch (main, all workers) of DataLoaders, measured round-robin.
+
+    ``configs``: (dataset name, num_workers, batch size). Persistent workers, warmed by one
+    epoch; every round is one epoch per config; the best round is kept.
+    """
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from nsdzarr.loader import collate
+
+    loaders = {}
+    for name, workers, bs in configs:
+        dset = dsets[name]
+        kwargs = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+        loaders[name, workers, bs] = dl = DataLoader(
+            dset,  # type: ignore[arg-type]
+            batch_size=bs,
+            # 300 batches (3000 for the no-op: CPU time counts in 10 ms ticks)
+            sampler=RandomSampler(
+                range(N_TRIALS), num_samples=(3000 if name == "noop" else 300) * bs
+            ),
+            num_workers=workers,
+            collate_fn=collate if name != "noop" else (lambda b: b),
+            **kwargs,
+        )
+        for _ in dl:  # warm-up epoch: starts workers, opens files
+            pass
+    best: dict[tuple, tuple[float, float, float]] = {}
+    for _ in range(rounds):
+        for key, dl in loaders.items():
+            it = iter(dl)
+            pids = [p.pid for p in getattr(it, "_workers", [])]
+            c0 = [cpu_seconds(os.getpid())] + [cpu_seconds(p) for p in pids]
+            t0 = time.perf_counter()
+            n = sum(1 for _ in it)
+            wall = time.perf_counter() - t0
+            c1 = [cpu_seconds(os.getpid())] + [cpu_seconds(p) for p in pids]
+            per = [(b - a) / n * 1e6 for a, b in zip(c0, c1, strict=True)]
+            rate = n * key[2] / wall
+            if rate > best.get(key, (0.0,))[0]:
+                best[key] = (rate, per[0], sum(per[1:]))
+    del loaders
+    torch.set_num_threads(1)
+    return best
+
+
+def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str) -> None:
+    """The DataLoader table, the 2-worker ratios and the bound torch's own costs put on them."""
+    print(
+        f"\nDataLoader over the {store_name} store (our collate, random order, persistent "
+        f"workers; CPU µs per batch from /proc, 10 ms ticks):"
+    )
+    print("| dataset | batch | workers | trial/s | vs 0 workers | CPU µs/batch main | workers |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (name, workers, bs), (rate, main, work) in best.items():
+        zero = best[(name if name == "noop" else "ours", 0, bs)][0]
+        print(
+            f"| {name} | {bs} | {workers} | {rate:,.0f} | {rate / zero:.2f} | {main:,.0f} "
+            f"| {work:,.0f} |"
+        )
+    # 2 cores, CPU-bound: 2 workers give at most 2 * (one process's CPU per batch) / (the
+    # workers' CPU per batch + the main process's), the DataLoader's own part at least
+    # torch's floor (the no-op dataset)
+    floor = sum(best[("noop", 2, BATCH)][1:])
+    p0 = best[("ours", 0, BATCH)][1]
+    print(
+        f"\ntorch's own cost per batch with 2 workers (no-op dataset): {floor:,.0f} µs CPU; "
+        f"ours in one process: {p0:,.0f} µs; so on {len(os.sched_getaffinity(0))} cores "
+        f"2 workers can reach at most {2 * p0 / (p0 + floor):.2f}x one process at batch "
+        f"{BATCH} (measured {best[('ours', 2, BATCH)][0] / best[('ours', 0, BATCH)][0]:.2f}x)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "loader")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0, help="minimum time per measurement")
     ap.add_argument("--build-only", action="store_true")
-    ap.add_argument("--lz4", action="store_true", help="also a blosc-lz4 copy of the store")
     args = ap.parse_args()
     build(args.data)
-    lz4_store = build_lz4(args.data) if args.lz4 else None
+    lz4_store = build_lz4(args.data)
     if args.build_only:
         return
 
     import h5py
     import torch
     import zarr
-    from torch.utils.data import DataLoader, RandomSampler
 
-    import nsdzarr.loader as nl
     from nsdzarr.loader import BetasDataset, collate
+    from nsdzarr.zarr_v3 import Decoder
 
     torch.set_num_threads(1)
     store = args.data / "subj01" / "roi" / "nsdgeneral.zarr"
     h5path = args.data / "betas.h5"
-    warm_cache([store, h5path] + ([lz4_store] if lz4_store else []))
+    warm_cache([store, h5path, lz4_store])
     rng = np.random.default_rng(1)
     singles = rng.integers(0, N_TRIALS, 4000)
     batches = rng.integers(0, N_TRIALS, (500, BATCH))
 
     ds = BetasDataset(store, split="all")
     ds_t2 = BetasDataset(store, split="all", decode_threads=2)
-    ds_lz4 = BetasDataset(lz4_store, split="all") if lz4_store else None
+    ds_lz4 = BetasDataset(lz4_store, split="all")
     ds_z = BetasDataset(store, split="all", normalize="session_zscore")
     t0 = time.perf_counter()
     ds_mem = BetasDataset(store, split="all", in_memory=True)
@@ -199,19 +293,32 @@ def main() -> None:
         out[order] = h5[uniq][inv]
         return out
 
-    # the decoder alone, on the encoded chunks of the batch trials (pre-read): the ceiling
-    reader = ds._reader(ds._runtime(), 0)
-    encoded = []
-    for row in batches[:50].ravel().tolist():
-        obj, c = divmod(row, 50)
-        off, nb = reader.index(obj)[c]
-        encoded.append(os.pread(reader.fd(obj), nb, off))
-    sink = np.empty(N_VOX, np.int16).view(np.uint8)
-    decoder = nl._Decoder("zstd")
+    # the decoders alone, on the encoded chunks of the batch trials (pre-read): the ceilings
+    def encoded_rows(dset: BetasDataset) -> list[np.ndarray]:
+        reader = dset._reader(dset._runtime(), 0)
+        out = []
+        for row in batches[:50].ravel().tolist():
+            obj, c = divmod(row, 50)
+            if not reader.loaded[obj]:
+                reader.load_index(obj)
+            off, nb = int(reader.offset[obj, c]), int(reader.nbytes[obj, c])
+            out.append(np.frombuffer(os.pread(reader.fd(obj), nb, off), np.uint8))
+        return out
 
-    def decode_only(k: int) -> None:
-        for enc in encoded[(k % 50) * BATCH : (k % 50 + 1) * BATCH]:
-            decoder.into(enc, sink)
+    sink = np.empty(N_VOX, np.int16)
+    ceilings = {
+        name: (encoded_rows(dset), Decoder(dset.stores[0].layout.codec))
+        for name, dset in (("zstd", ds), ("lz4", ds_lz4))
+    }
+
+    def decode_only(codec: str) -> Callable[[int], None]:
+        encoded, decoder = ceilings[codec]
+
+        def run(k: int) -> None:
+            for enc in encoded[(k % 50) * BATCH : (k % 50 + 1) * BATCH]:
+                decoder.into(enc, sink)
+
+        return run
 
     methods: dict[str, tuple[Callable | None, Callable | None]] = {
         "zarr-python z[i] / z.oindex[idx]": (
@@ -230,21 +337,16 @@ def main() -> None:
             None,
             lambda k: collate(ds_t2.__getitems__(batches[k]))["betas"],
         ),
-        **(
-            {
-                "ours, disk, blosc-lz4 store": (
-                    lambda k: ds_lz4[int(singles[k])]["betas"],
-                    lambda k: collate(ds_lz4.__getitems__(batches[k]))["betas"],
-                )
-            }
-            if lz4_store
-            else {}
+        "ours, disk, blosc-lz4 store (ROI default)": (
+            lambda k: ds_lz4[int(singles[k])]["betas"],
+            lambda k: collate(ds_lz4.__getitems__(batches[k]))["betas"],
         ),
         "ours, in_memory": (
             lambda k: ds_mem[int(singles[k])]["betas"],
             lambda k: collate(ds_mem.__getitems__(batches[k]))["betas"],
         ),
-        "zstd decode only, no I/O (the ceiling)": (None, decode_only),
+        "zstd decode only, no I/O (ceiling)": (None, decode_only("zstd")),
+        "blosc-lz4 decode only, no I/O (ceiling)": (None, decode_only("lz4")),
         "h5py kept open (contiguous)": (lambda k: h5[int(singles[k])], h5_batch),
         "numpy fancy index in RAM (int16)": (
             lambda k: ram[int(singles[k])].copy(),
@@ -275,65 +377,37 @@ def main() -> None:
                 best[name, kind] = max(best.get((name, kind), 0.0), v)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    # DataLoader: ours with 0, 1, 2 workers (and 2 with torch's own shared-memory transport),
-    # batch 32, random order, our collate; persistent workers, warmed, measured round-robin
-    ds_torch = BetasDataset(store, split="all", pooled_batches=False)
-    configs = {
-        "ours, DataLoader num_workers=0": (ds, 0),
-        "ours, DataLoader num_workers=1": (ds, 1),
-        "ours, DataLoader num_workers=2": (ds, 2),
-        "ours, 2 workers, torch shm transport": (ds_torch, 2),
-    }
-    loaders = {}
-    for label, (dset, workers) in configs.items():
-        kwargs = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
-        loaders[label] = DataLoader(
-            dset,
-            batch_size=BATCH,
-            sampler=RandomSampler(dset, num_samples=200 * BATCH),
-            num_workers=workers,
-            collate_fn=collate,
-            **kwargs,
-        )
-        for _ in loaders[label]:  # warm-up epoch: starts workers, opens files
-            pass
-    loader_rates: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for label, dl in loaders.items():
-            t0 = time.perf_counter()
-            n = sum(len(b["betas"]) for b in dl)
-            v = n / (time.perf_counter() - t0)
-            loader_rates[label] = max(loader_rates.get(label, 0.0), v)
-    del loaders
-
     base_s = best["zarr-python z[i] / z.oindex[idx]", "single"]
     base_b = best["zarr-python z[i] / z.oindex[idx]", "batch"]
-    decoder = "zstandard" if nl.zstandard is not None else "numcodecs"
+    decoder = "numcodecs' C libraries" if Decoder("zstd").direct else "Python fallback"
     print()
     print(
         f"Random trial reads, {N_TRIALS} x {N_VOX} int16 store (600 shards of 50 trials, "
-        f"zstd-1, decoder: {decoder}), page cache warm, best of {args.rounds} rounds, "
-        f"cores: {len(os.sched_getaffinity(0))}"
+        f"zstd-1 or blosc-lz4, decoders: {decoder}), page cache warm, best of "
+        f"{args.rounds} rounds, cores: {len(os.sched_getaffinity(0))}"
     )
-    print(f"| {'read path':38s} | single trial/s | ratio | batch-of-32 trial/s | ratio |")
-    print(f"|{'-' * 40}|---------------:|------:|--------------------:|------:|")
+    print(f"| {'read path':42s} | single trial/s | ratio | batch-of-32 trial/s | ratio |")
+    print(f"|{'-' * 44}|---------------:|------:|--------------------:|------:|")
     for name in methods:
         s, b = best.get((name, "single")), best.get((name, "batch"))
         cells = [
             f"{s:14,.0f} | {s / base_s:5.1f}" if s else f"{'-':>14s} | {'-':>5s}",
             f"{b:19,.0f} | {b / base_b:5.1f}" if b else f"{'-':>19s} | {'-':>5s}",
         ]
-        print(f"| {name:38s} | {cells[0]} | {cells[1]} |")
-    for label, v in loader_rates.items():
-        print(f"| {label:38s} | {'-':>14s} | {'-':>5s} | {v:19,.0f} | {v / base_b:5.1f} |")
-    two, zero = (
-        loader_rates["ours, DataLoader num_workers=2"],
-        loader_rates["ours, DataLoader num_workers=0"],
-    )
+        print(f"| {name:42s} | {cells[0]} | {cells[1]} |")
+    dsets = {
+        "noop": NoopBatches(),
+        "ours": ds_lz4,
+        "ours, torch's shm transport": BetasDataset(lz4_store, split="all", pooled_batches=False),
+    }
+    configs = [("noop", w, BATCH) for w in (0, 1, 2)] + [("ours", w, BATCH) for w in (0, 1, 2)]
+    configs += [("ours, torch's shm transport", 2, BATCH)]
+    configs += [("ours", w, bs) for bs in (128, 512) for w in (0, 2)]
+    report_loader(loader_rates(dsets, configs, args.rounds), "blosc-lz4 (ROI default)")
     print(
-        f"\nDataLoader 2 workers / 0 workers: {two / zero:.2f}x; in_memory load (decode "
-        f"30000 trials into shared memory): {load_s:.1f} s; load average during the run: "
-        f"{os.getloadavg()[0]:.1f} (another process's load slows every figure)"
+        f"\nin_memory load (decode 30000 trials into memory): {load_s:.1f} s; load "
+        f"average during the run: {os.getloadavg()[0]:.1f} (another process's load slows "
+        "every figure)"
     )
 
 

@@ -109,10 +109,18 @@ def test_damaged_shard_gives_one_line_errors(tmp_path: Path):
         ShardRows(lay, 8).read_rows(np.array([10]), np.empty((1, 37), np.int16))
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["numcodecs-C", "python-fallback"])
 @pytest.mark.parametrize("codec", ["zstd", "blosc"])
-def test_decoder_rejects_wrong_sizes(codec: str):
+def test_decoder_rejects_wrong_sizes(codec: str, direct: bool, monkeypatch):
     import numcodecs
+    import numcodecs.blosc
 
+    from nsdzarr import zarr_v3
+
+    if not direct:  # as where numcodecs does not export its C symbols
+        monkeypatch.setattr(zarr_v3, "_c_library", lambda module: None)
+        monkeypatch.setattr(numcodecs.blosc, "use_threads", numcodecs.blosc.use_threads)
+    assert Decoder(codec).direct is direct
     row = np.arange(100, dtype=np.int16)
     enc = numcodecs.Zstd(1).encode(row) if codec == "zstd" else numcodecs.Blosc("lz4").encode(row)
     src = np.frombuffer(enc, np.uint8)

@@ -10,11 +10,12 @@ or numcodecs (one extra copy, more overhead per chunk).
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib
 import json
 import math
 import os
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,49 +142,29 @@ def parse_layout(array_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Arr
     return meta, layout
 
 
-def _numcodecs_lib(module: str) -> ctypes.CDLL | None:
-    """The C library inside a numcodecs extension module, if its symbols are exported."""
-    try:
-        import importlib
+_PTR, _SIZE = ctypes.c_void_p, ctypes.c_size_t
+_SIGNATURES = {  # numcodecs module: {function: (restype, argtypes)}
+    "zstd": {
+        "ZSTD_createDCtx": (_PTR, []),
+        "ZSTD_freeDCtx": (_SIZE, [_PTR]),
+        "ZSTD_decompressDCtx": (_SIZE, [_PTR, _PTR, _SIZE, _PTR, _SIZE]),
+    },
+    "blosc": {"blosc_decompress_ctx": (ctypes.c_int, [_PTR, _PTR, _SIZE, ctypes.c_int])},
+}
 
-        return ctypes.CDLL(importlib.import_module(f"numcodecs.{module}").__file__)
+
+@functools.cache
+def _c_library(module: str) -> Any:
+    """The C library inside a numcodecs extension module, our functions declared; None if its
+    symbols are not exported (then zstandard / numcodecs decode instead)."""
+    try:
+        lib = ctypes.CDLL(importlib.import_module(f"numcodecs.{module}").__file__)
+        for name, (restype, argtypes) in _SIGNATURES[module].items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
     except (ImportError, OSError, AttributeError, TypeError):  # pragma: no cover
         return None
-
-
-_LIBS: dict[str, Any] = {}
-_LIBS_LOCK = threading.Lock()
-
-
-def _zstd_lib() -> Any:
-    with _LIBS_LOCK:
-        if "zstd" not in _LIBS:
-            lib = _numcodecs_lib("zstd")
-            try:
-                lib.ZSTD_createDCtx.restype = ctypes.c_void_p
-                lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
-                lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
-                ptr, size = ctypes.c_void_p, ctypes.c_size_t
-                lib.ZSTD_decompressDCtx.argtypes = [ptr, ptr, size, ptr, size]
-            except AttributeError:  # pragma: no cover - symbols not exported
-                lib = None
-            _LIBS["zstd"] = lib
-        return _LIBS["zstd"]
-
-
-def _blosc_lib() -> Any:
-    with _LIBS_LOCK:
-        if "blosc" not in _LIBS:
-            lib = _numcodecs_lib("blosc")
-            try:
-                lib.blosc_decompress_ctx.restype = ctypes.c_int
-                lib.blosc_decompress_ctx.argtypes = [
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
-                ]  # fmt: skip
-            except AttributeError:  # pragma: no cover
-                lib = None
-            _LIBS["blosc"] = lib
-        return _LIBS["blosc"]
+    return lib
 
 
 class Decoder:
@@ -195,16 +176,16 @@ class Decoder:
         self.codec = codec
         self._lib = self._dctx = self._py = None
         if codec == "zstd":
-            self._lib = _zstd_lib()
+            self._lib = _c_library("zstd")
             if self._lib is not None:
                 self._dctx = self._lib.ZSTD_createDCtx()
-            else:  # pragma: no cover - fallback
+            else:
                 import zstandard
 
                 self._py = zstandard.ZstdDecompressor()
         elif codec == "blosc":
-            self._lib = _blosc_lib()
-            if self._lib is None:  # pragma: no cover - fallback
+            self._lib = _c_library("blosc")
+            if self._lib is None:
                 import numcodecs.blosc
 
                 numcodecs.blosc.use_threads = False  # its global thread pool is not fork-safe
@@ -226,11 +207,7 @@ class Decoder:
                 raise ValueError(f"raw chunk of {nb} bytes, expected {n}")
             ctypes.memmove(dst, buf_addr + off, n)
         elif self.codec == "blosc":
-            if nb < 16:
-                raise ValueError("blosc: truncated header")
-            nbytes, _, cbytes = struct.unpack_from("<III", buf, off + 4)
-            if nbytes != n or cbytes != nb:
-                raise ValueError(f"blosc: header says {nbytes} bytes from {cbytes}")
+            _check_blosc_header(buf, off, nb, n)
             got = self._lib.blosc_decompress_ctx(buf_addr + off, dst, n, 1)
             if got != n:
                 raise ValueError(f"blosc: decompression failed ({got})")
@@ -243,12 +220,13 @@ class Decoder:
         """Decode ``src`` (contiguous uint8) into ``out`` (contiguous) or raise ValueError."""
         if self.direct:
             self.at(src, src.ctypes.data, 0, src.nbytes, out.ctypes.data, out.nbytes)
-        elif self.codec == "blosc":  # pragma: no cover - fallbacks
+        elif self.codec == "blosc":
+            _check_blosc_header(src, 0, src.nbytes, out.nbytes)
             try:
                 self._py.decompress(src, out)
             except Exception as exc:
                 raise ValueError(f"blosc: {exc}") from exc
-        else:  # pragma: no cover
+        else:
             import zstandard
 
             try:
@@ -263,6 +241,15 @@ class Decoder:
         if self._dctx is not None and self._lib is not None:
             self._lib.ZSTD_freeDCtx(self._dctx)
             self._dctx = None
+
+
+def _check_blosc_header(buf: Any, off: int, nb: int, n: int) -> None:
+    """Refuse a blosc chunk whose header disagrees with its size (blosc trusts the header)."""
+    if nb < 16:
+        raise ValueError("blosc: truncated header")
+    nbytes, _, cbytes = struct.unpack_from("<III", buf, off + 4)
+    if nbytes != n or cbytes != nb:
+        raise ValueError(f"blosc: header says {nbytes} bytes from {cbytes}")
 
 
 def index_nbytes(lay: ArrayLayout) -> int:
