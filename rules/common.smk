@@ -138,7 +138,9 @@ def affine_source(wildcards):
 def estimate_mem_mb(wildcards, input, attempt):
     """Memory of the estimate job itself, from the source's HDF5 header, capped by the ceiling."""
     memory = config["memory"]
-    return estimate_job_mem_mb(input.betas, memory["factor"], attempt, memory["ceiling_mb"])
+    return estimate_job_mem_mb(
+        input.betas, memory["factor"], attempt, memory["ceiling_mb"]
+    )
 
 
 def job_mem(job):

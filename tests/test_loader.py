@@ -420,20 +420,24 @@ def big_store(tmp_path_factory) -> Path:
     return folder / "roi" / "big.zarr"
 
 
-def shared_mapping(pid: int, nbytes: int) -> dict[str, int]:
-    """smaps fields (kB) of the mapping of ``pid`` that holds the in-memory array."""
-    blocks, current = [], None
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            current = {"size": hi - lo}
-            blocks.append(current)
-        elif head.endswith(":") and current is not None and line.split()[1].isdigit():
-            current[head[:-1]] = int(line.split()[1])
-    found = [b for b in blocks if nbytes <= b["size"] <= nbytes + 2**16]
-    assert found, "in-memory array mapping not found"
-    return found[0]
+def record_in_memory_range(folder: str, worker_id: int) -> None:
+    """worker_init_fn: where this worker sees the in-memory array (address, bytes)."""
+    mem = torch.utils.data.get_worker_info().dataset._mem[0]
+    Path(folder, f"{worker_id}.{os.getpid()}").write_text(
+        f"{mem.data_ptr()} {mem.numel() * mem.element_size()}"
+    )
+
+
+def page_sharing(pid: int, addr: int, nbytes: int) -> tuple[int, int, int]:
+    """(pages, resident pages, pages mapped by ``pid`` alone) of a memory range, from pagemap."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = addr // page, (addr + nbytes - 1) // page
+    with open(f"/proc/{pid}/pagemap", "rb") as fh:
+        fh.seek(first * 8)
+        entries = np.frombuffer(fh.read((last - first + 1) * 8), dtype="<u8")
+    present = (entries >> np.uint64(63)) & np.uint64(1)
+    exclusive = (entries >> np.uint64(56)) & np.uint64(1)  # PM_MMAP_EXCLUSIVE
+    return len(entries), int(present.sum()), int((present & exclusive).sum())
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
@@ -446,15 +450,19 @@ def test_in_memory_is_one_shared_copy(big_store: Path, tmp_path: Path, context: 
         num_workers=2,
         persistent_workers=True,
         multiprocessing_context=context,
-        worker_init_fn=functools.partial(record_pid, str(tmp_path)),
+        worker_init_fn=functools.partial(record_in_memory_range, str(tmp_path)),
     )
     got = epoch(loader)
     ref = zarr.open_array(big_store / "betas", mode="r")[...]
     np.testing.assert_array_equal(got["betas"].numpy(), ref.astype(np.float32) / 300)
-    for p in tmp_path.iterdir():
-        m = shared_mapping(int(p.name.split(".")[1]), nbytes)
-        assert m["Rss"] * 1024 > 0.4 * nbytes  # the worker read its half of the rows ...
-        assert (m["Private_Clean"] + m["Private_Dirty"]) * 1024 < 0.05 * nbytes  # ... shared
+    workers = list(tmp_path.iterdir())
+    assert len(workers) == 2
+    for p in workers:
+        addr, size = map(int, p.read_text().split())
+        assert size == nbytes
+        pages, resident, alone = page_sharing(int(p.name.split(".")[1]), addr, size)
+        assert resident > 0.4 * pages  # the worker read its half of the rows ...
+        assert alone < 0.05 * pages  # ... from pages it shares with the parent: no copy
     del loader
 
 
