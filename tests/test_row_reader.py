@@ -64,6 +64,9 @@ def test_random_rows_with_repeats_equal_zarr_python(array):
         reader.read_rows(rows, out)
         np.testing.assert_array_equal(out, data[rows])
         assert len(reader.fds) <= 3  # the LRU bound holds between batches
+    strided = np.empty((4, 2 * data.shape[1]), dtype=lay.dtype)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):  # decoded by address: refused
+        reader.read_rows(np.arange(4), strided)
     everything = np.empty((len(data), data.shape[1]), dtype=lay.dtype)
     reader.read_rows(np.arange(len(data)), everything)  # coalesced whole-object reads
     np.testing.assert_array_equal(everything, data)

@@ -107,6 +107,8 @@ class ShardRows:
     def read_rows(self, rows: np.ndarray, out: np.ndarray, executor: Any = None) -> None:
         """``out[j] = array[rows[j]]`` (``out`` C-contiguous, the array's dtype)."""
         lay = self.layout
+        if not out.flags.c_contiguous:  # rows are decoded by address
+            raise ValueError("read_rows needs a C-contiguous output array")
         rows = np.asarray(rows, dtype=np.int64)
         obj, local = np.divmod(rows, lay.grid[0])
         chunk, k = np.divmod(local, lay.inner[0])
@@ -115,7 +117,7 @@ class ShardRows:
                 self.load_index(o)
         off, nb = self.offset[obj, chunk], self.nbytes[obj, chunk]
         obj_l, off_l, nb_l, k_l = obj.tolist(), off.tolist(), nb.tolist(), k.tolist()
-        # runs in file order: [object, start, stop, [[offset, nbytes, [(row, k), ...]], ...]]
+        # runs in file order: [object, start, stop, [[offset, nbytes, [(row, k), ...]], ...], fd]
         runs: list[list[Any]] = []
         fill = []
         for j in np.lexsort((off, obj)).tolist():
@@ -137,6 +139,11 @@ class ShardRows:
                 runs.append([o, f, f + n, [[f, n, [(j, k_l[j])]]]])
         if fill:
             out[fill] = lay.fill_value
+        for run in runs:  # opened here, not in the decode threads: the fd table is not shared
+            fd = self.fd(run[0])
+            if fd is None:
+                raise InputError(self.paths[run[0]], "shard file vanished while reading")
+            run.append(fd)
         if executor is not None and len(runs) > 1:
             half = len(runs) // 2
             future = executor.submit(self._decode_runs, runs[half:], out)
@@ -153,14 +160,11 @@ class ShardRows:
         chunk_buf = np.empty((r, out.shape[1]), dtype=out.dtype) if r > 1 else out[:1]
         row_bytes, out_addr = out.strides[0], out.ctypes.data
         chunk_addr, n = chunk_buf.ctypes.data, chunk_buf.nbytes
-        for o, start, stop, chunks in runs:
+        for o, start, stop, chunks, fd in runs:
             if buf is None or len(view) < stop - start:
                 buf = np.empty(max(stop - start, 1 << 20), dtype=np.uint8)
                 view, buf_addr = memoryview(buf), buf.ctypes.data
                 self._local.buf = (buf, view, buf_addr)
-            fd = self.fd(o)
-            if fd is None:
-                raise InputError(self.paths[o], "shard file vanished while reading")
             if os.preadv(fd, [view[: stop - start]], start) != stop - start:
                 raise InputError(self.paths[o], "shard file shorter than its index; corrupt")
             for f, nbytes, dests in chunks:
