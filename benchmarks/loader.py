@@ -169,7 +169,6 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
     ``configs``: (dataset name, num_workers, batch size). Persistent workers, warmed by one
     epoch; every round is one epoch per config; the best round is kept.
     """
-    import torch
     from torch.utils.data import DataLoader, RandomSampler
 
     from nsdzarr.loader import collate
@@ -206,7 +205,6 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
             if rate > best.get(key, (0.0,))[0]:
                 best[key] = (rate, per[0], sum(per[1:]))
     del loaders
-    torch.set_num_threads(1)
     return best
 
 

@@ -144,14 +144,15 @@ def test_converter_shards_read_back_through_the_shared_index_parser(tmp_path: Pa
         group, "betas", (100, 3, 4), np.int16, StorageSettings(), ("t", "z", "y")
     )
     block = np.arange(50 * 12, dtype=np.int16).reshape(50, 3, 4)
+    lay = parse_layout(tmp_path / "s.zarr" / "betas")[1]
     with ThreadPoolExecutor(2) as pool:
         shards.write_shard(arr, tmp_path / "s.zarr", 50, block, pool)
         np.testing.assert_array_equal(
-            shards.read_shard(arr, tmp_path / "s.zarr", 50, 50, pool), block
+            shards.read_shard(arr, lay, tmp_path / "s.zarr", 50, 50, pool), block
         )
         path = shards.shard_path(arr, tmp_path / "s.zarr", 50)
         raw = bytearray(path.read_bytes())
         raw[-6] ^= 1
         path.write_bytes(bytes(raw))
         with pytest.raises(InputError, match="checksum"):
-            shards.read_shard(arr, tmp_path / "s.zarr", 50, 50, pool)
+            shards.read_shard(arr, lay, tmp_path / "s.zarr", 50, 50, pool)

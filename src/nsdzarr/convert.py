@@ -22,6 +22,7 @@ from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.layout import BETA_SCALE, BETA_UNITS
 from nsdzarr.memory import ConversionPlan, plan_conversion
 from nsdzarr.storage import StorageSettings, create_trial_array, trial_blocks
+from nsdzarr.zarr_v3 import parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ShardIO:
     def __init__(self, arr: zarr.Array, root: Path, pool: ThreadPoolExecutor) -> None:
         self.arr, self.root, self.pool = arr, root, pool
         self.fast = shards.handles(arr)
+        self.layout = parse_layout(root / arr.path)[1] if self.fast else None
 
     def write(self, t0: int, block: np.ndarray) -> None:
         if self.fast:
@@ -88,7 +90,7 @@ class ShardIO:
 
     def read(self, t0: int, t1: int) -> np.ndarray:
         if self.fast:
-            return shards.read_shard(self.arr, self.root, t0, t1 - t0, self.pool)
+            return shards.read_shard(self.arr, self.layout, self.root, t0, t1 - t0, self.pool)
         return self.arr[t0:t1]
 
 

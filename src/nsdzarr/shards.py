@@ -19,7 +19,7 @@ import zarr
 import zstandard
 
 from nsdzarr.errors import InputError
-from nsdzarr.zarr_v3 import Decoder, index_nbytes, parse_layout, parse_shard_index
+from nsdzarr.zarr_v3 import ArrayLayout, Decoder, object_index
 
 _local = threading.local()
 
@@ -94,19 +94,19 @@ def write_shard(
 
 def read_shard(
     arr: zarr.Array,
+    lay: ArrayLayout,
     store_root: str | os.PathLike[str],
     first_row: int,
     n_rows: int,
     pool: ThreadPoolExecutor,
 ) -> np.ndarray:
-    """Decode the shard holding rows ``[first_row, first_row + n_rows)`` from its file."""
+    """Decode the shard holding rows ``[first_row, first_row + n_rows)`` from its file.
+
+    ``lay`` is the array's :func:`zarr_v3.parse_layout`, read once by the caller.
+    """
     path = shard_path(arr, store_root, first_row)
-    _, lay = parse_layout(Path(store_root) / arr.path)
     data = path.read_bytes()
-    n_index = index_nbytes(lay)
-    index = parse_shard_index(
-        lay, data[-n_index:] if len(data) >= n_index else b"", len(data), str(path)
-    )
+    index = object_index(lay, data, str(path))
     buf = np.frombuffer(data, np.uint8)
     out = np.empty((n_rows, *arr.shape[1:]), dtype=arr.dtype)
     rows = arr.chunks[0]

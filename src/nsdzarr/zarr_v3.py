@@ -273,14 +273,18 @@ def parse_shard_index(lay: ArrayLayout, raw: bytes, file_size: int, path: str) -
     return idx
 
 
+def object_index(lay: ArrayLayout, data: bytes, path: str) -> np.ndarray:
+    """The checked chunk index of a whole stored object's bytes (one entry when unsharded)."""
+    if not lay.sharded:
+        return np.array([[0, len(data)]], dtype=np.uint64)
+    n = index_nbytes(lay)
+    raw = (data[-n:] if lay.index_at_end else data[:n]) if len(data) >= n else b""
+    return parse_shard_index(lay, raw, len(data), path)
+
+
 def object_chunks(lay: ArrayLayout, data: bytes, path: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (inner chunk number, decoded chunk) of a whole stored object's bytes."""
-    if lay.sharded:
-        nbytes = index_nbytes(lay)
-        raw = data[-nbytes:] if lay.index_at_end else data[:nbytes]
-        idx = parse_shard_index(lay, raw if len(data) >= nbytes else b"", len(data), path)
-    else:
-        idx = np.array([[0, len(data)]], dtype=np.uint64)
+    idx = object_index(lay, data, path)
     dec = Decoder(lay.codec)
     buf = np.frombuffer(data, np.uint8)
     for c, (off, nb) in enumerate(idx.tolist()):
