@@ -1,9 +1,15 @@
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.14.1")
 
 
-configfile: "config/config.yaml"
+# The shipped config is the bare `snakemake` demo. A user's --configfile replaces it (it is not
+# merged under it): what the user leaves out takes the schema's documented default.
+if not workflow.overwrite_configfiles:
+
+    configfile: Path(workflow.basedir) / "config" / "config.yaml"
 
 
 report: "report/workflow.rst"
@@ -30,6 +36,14 @@ localrules:
     trial_index,
     roi_store,
     estimate_summary,
+
+
+onsuccess:
+    drop_engine_timestamps()
+
+
+onerror:
+    drop_engine_timestamps()
 
 
 rule all:

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # imports them, and their memory counts against the job's request.
 from nsdzarr import layout
 from nsdzarr.errors import InputError
+from nsdzarr.provenance import require_demo_target, require_same_release
 from nsdzarr.layout import DemoSpec, demo_files
 from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
 
@@ -43,6 +44,25 @@ for _folder in ("results", "logs"):
 
 NSD_ROOT = config["nsd_root"]
 SUBJECTS = config["subjects"]
+
+# Before any job: the demo never writes into a folder it did not create, and outputs of
+# another release (another nsd_root) never mix with this one's, nor set its jobs' memory.
+try:
+    if config["demo"]:
+        require_demo_target(NSD_ROOT)
+    require_same_release("results", NSD_ROOT)
+except InputError as err:
+    raise WorkflowError(str(err)) from None
+
+
+def drop_engine_timestamps():
+    """Remove the `.snakemake_timestamp` files Snakemake leaves in directory() outputs.
+
+    zarr-python warns about any foreign file inside a store; without the file, Snakemake
+    takes the store folder's own mtime, set when the store was written.
+    """
+    for stamp in Path("results").rglob(".snakemake_timestamp"):
+        stamp.unlink(missing_ok=True)
 
 
 wildcard_constraints:

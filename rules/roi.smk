@@ -5,7 +5,8 @@ rule roi_session:
         trials="results/{subject}/trials.tsv",
         estimate="results/{subject}/estimates/session{session}.json",
     output:
-        directory("results/{subject}/roi/{roi}.parts/session{session}.zarr"),
+        # removed once the subject's store links their shards (the data stays in the store)
+        temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),
     log:
         "logs/{subject}/roi_session/{roi}_session{session}.log",
     benchmark:

@@ -15,25 +15,23 @@ import shutil
 import threading
 from pathlib import Path
 
+import h5py
+import nibabel as nib
 import numpy as np
 import pytest
+import scipy.io
+import torch
+import zarr
+from torch.utils.data import DataLoader
+from zarr.codecs import GzipCodec
 
-torch = pytest.importorskip("torch")
-
-import h5py  # noqa: E402
-import nibabel as nib  # noqa: E402
-import scipy.io  # noqa: E402
-import zarr  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from zarr.codecs import GzipCodec  # noqa: E402
-
-from nsdzarr import demo, layout  # noqa: E402
-from nsdzarr import loader as loader_module  # noqa: E402
-from nsdzarr.errors import InputError  # noqa: E402
-from nsdzarr.loader import BetasDataset, collate, parse_layout  # noqa: E402
-from nsdzarr.roi import load_roi_mask, roi_attrs, roi_settings, session_stats  # noqa: E402
-from nsdzarr.storage import StorageSettings, create_trial_array, zarr_compressor  # noqa: E402
-from nsdzarr.trials import write_trial_tables  # noqa: E402
+from nsdzarr import demo, layout
+from nsdzarr import loader as loader_module
+from nsdzarr.errors import InputError
+from nsdzarr.loader import BetasDataset, collate, parse_layout
+from nsdzarr.roi import load_roi_mask, roi_attrs, roi_settings, session_stats
+from nsdzarr.storage import StorageSettings, create_trial_array, zarr_compressor
+from nsdzarr.trials import write_trial_tables
 
 SPEC = demo.DemoSpec(subjects=("subj01", "subj02"))
 DEFAULT = StorageSettings()
@@ -284,7 +282,8 @@ def no_fresh_shared_memory(shape):
 def test_persistent_workers_keep_fds_and_memory_flat(
     store: Path, truth: dict, tmp_path: Path, monkeypatch
 ):
-    psutil = pytest.importorskip("psutil")
+    import psutil
+
     # forked workers inherit this: streaming batches must always find a freed buffer slot
     monkeypatch.setattr(loader_module, "shared_empty", no_fresh_shared_memory)
     ds = BetasDataset(store, split="all", max_open_files=16)  # 45 shards: the LRU works

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO
 
 SNAKE_FILES = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
@@ -22,7 +20,6 @@ def test_ruff_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("snakefmt") is None, reason="snakefmt not installed")
 def test_snakefmt_is_clean():
     proc = subprocess.run(
         ["snakefmt", "--check", *SNAKE_FILES], cwd=REPO, capture_output=True, text=True

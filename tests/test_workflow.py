@@ -133,8 +133,8 @@ def test_report_includes_the_memory_plot(demo_run: Path):
 
 
 def test_loader_reads_the_workflow_roi_store_like_the_source(demo_run: Path):
-    torch = pytest.importorskip("torch")
     import nibabel as nib
+    import torch
 
     from nsdzarr.loader import BetasDataset
 

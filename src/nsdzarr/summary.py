@@ -138,13 +138,18 @@ def plot_requested_vs_measured(peaks: list[dict[str, Any]], path: str | os.PathL
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     if peaks:
         req = [p["requested_mb"] for p in peaks]
         pred = [p["predicted_peak_mb"] for p in peaks]
         got = [p["measured_max_rss_mb"] for p in peaks]
         ax.scatter(got, pred, s=18, label="predicted peak of the job's script")
         ax.scatter(got, req, s=18, marker="^", label="requested mem_mb (+ Snakemake's processes)")
+        for p, x, y in zip(peaks, got, req, strict=True):
+            # "subj01 roi_session/V1 session02" -> "roi_session/V1 s02", beside its request
+            _subject, job, session = p["job"].split(" ")
+            label = f"{job} s{session.removeprefix('session')}"
+            ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6)
         top = max(max(req), max(got)) * 1.1
         ax.plot([0, top], [0, top], "k--", lw=1, label="= measured")
         ax.set_xlim(0, top)
