@@ -6,7 +6,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Paths relative to this file, not workflow.basedir: used as a Snakemake module, basedir is
+# the caller's folder.
+RULES_DIR = Path(workflow.current_basedir)
+sys.path.insert(0, str(RULES_DIR.parent / "src"))
 
 # Only light modules here: every Snakemake process, also the one inside each SLURM job,
 # imports them, and their memory counts against the job's request.
@@ -20,7 +23,7 @@ from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
 CONFIG_FILES = ", ".join(str(f) for f in workflow.configfiles) or "config"
 
 try:
-    validate(config, Path(workflow.basedir) / "config" / "schema.yaml")
+    validate(config, RULES_DIR.parent / "config" / "schema.yaml")
 except WorkflowError as err:
     problem = err.__context__  # the jsonschema ValidationError
     if not hasattr(problem, "json_path"):
