@@ -1,0 +1,254 @@
+"""Re-check the stores nsd-zarr writes: stored checksums, decodable chunks, consistent shapes.
+
+Everything is read through zarr-python at most one shard (and 64 MiB) at a time, so memory
+stays bounded whatever the store's size. Session stores are checked against their
+``plane_checksums``, image stores against their per-image ``checksums``; every other array
+must at least decode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+
+from nsdzarr.convert import plane_checksums
+from nsdzarr.errors import InputError
+from nsdzarr.layout import TRIALS_PER_SESSION
+from nsdzarr.zarr_v3 import read_json
+
+MAX_ERROR_CHARS = 200
+# Decoded bytes read at once: whole chunks, at most one shard.
+READ_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: the file it is in (a shard file when known) and what is wrong."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def find_stores(folder: str | os.PathLike[str]) -> list[Path]:
+    """Top nodes of the Zarr stores at or below ``folder``; hidden folders (unfinished
+    ``.incomplete-*`` stores) are skipped and nothing inside a store is listed again."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "zarr.json" in names:
+            found.append(Path(root))
+            dirs[:] = []
+    return found
+
+
+def object_file(arr: zarr.Array, root: Path, row: int) -> Path:
+    """The file (shard, or chunk when unsharded) holding ``row`` of a trial-major array."""
+    outer = arr.shards or arr.chunks
+    coords = (row // outer[0],) + (0,) * (arr.ndim - 1) if arr.ndim else ()
+    return root / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
+
+
+def row_blocks(arr: zarr.Array, limit: int = READ_BYTES) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` row ranges along the first axis: whole chunks, up to one shard or
+    ``limit`` bytes of decoded data per range."""
+    if not arr.ndim:
+        yield 0, 1
+        return
+    rows = arr.chunks[0]
+    row_bytes = math.prod(arr.shape[1:]) * arr.dtype.itemsize
+    outer = (arr.shards or arr.chunks)[0]
+    step = max(rows, min(outer, limit // max(row_bytes, 1)) // rows * rows)
+    for start in range(0, arr.shape[0], step):
+        yield start, min(start + step, arr.shape[0])
+
+
+def _error(exc: Exception) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
+
+
+def read_rows(
+    arr: zarr.Array, root: Path, start: int, stop: int, what: str
+) -> tuple[np.ndarray | None, list[Problem]]:
+    """Rows ``[start, stop)``, or None and a problem per chunk that cannot be read."""
+    try:
+        return (arr[start:stop] if arr.ndim else arr[...]), []
+    except Exception:  # a codec, index or checksum error: find the chunks whose bytes are bad
+        pass
+    problems = []
+    step = arr.chunks[0] if arr.ndim else 1
+    for t0 in range(start, stop, step):
+        t1 = min(t0 + step, stop)
+        try:
+            arr[t0:t1] if arr.ndim else arr[...]
+        except Exception as exc:
+            rows = f"{what} {t0}" if t1 - t0 == 1 else f"{what}s {t0}..{t1 - 1}"
+            where = str(object_file(arr, root, t0))
+            problems.append(Problem(where, f"{rows} cannot be read ({_error(exc)})"))
+    if not problems:  # pragma: no cover - failed as a whole yet every chunk reads
+        problems.append(Problem(str(root / arr.path), f"{what}s {start}..{stop - 1} unreadable"))
+    return None, problems
+
+
+def check_decodes(arr: zarr.Array, root: Path, what: str = "row") -> list[Problem]:
+    """Every chunk of ``arr`` decodes."""
+    problems = []
+    for start, stop in row_blocks(arr):
+        problems += read_rows(arr, root, start, stop, what)[1]
+    return problems
+
+
+def check_session(group: zarr.Group, root: Path) -> list[Problem]:
+    """``betas`` against ``plane_checksums`` (CRC32C of each trial x z-plane of the source)."""
+    betas, sums = group["betas"], group["plane_checksums"]
+    if sums.shape != betas.shape[:2]:
+        return [
+            Problem(
+                str(root / sums.path),
+                f"plane_checksums has shape {sums.shape}, betas {betas.shape}: "
+                f"expected {betas.shape[:2]}",
+            )
+        ]
+    expected = sums[...]
+    problems = []
+    for t0, t1 in row_blocks(betas):
+        block, unreadable = read_rows(betas, root, t0, t1, "trial")
+        problems += unreadable
+        if block is None:
+            continue
+        got = plane_checksums(block)
+        for t in (np.flatnonzero(np.any(got != expected[t0:t1], axis=1)) + t0).tolist():
+            planes = np.flatnonzero(got[t - t0] != expected[t]).tolist()
+            problems.append(
+                Problem(
+                    str(object_file(betas, root, t)),
+                    f"trial {t} differs from its source (plane checksums of z-planes "
+                    f"{planes[:8]}{' ...' if len(planes) > 8 else ''} do not match)",
+                )
+            )
+    return problems
+
+
+def check_images(group: zarr.Group, root: Path, names: list[str]) -> list[Problem]:
+    """``images`` against ``checksums`` (CRC32C of each image's bytes); ``nsd_id`` and every
+    ``images_{S}`` hold one row per image."""
+    images, sums = group["images"], group["checksums"]
+    n = images.shape[0] if images.ndim else 0
+    problems = []
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        problems.append(
+            Problem(
+                str(root / images.path),
+                f"images are {images.dtype} {images.shape}: expected uint8 (N, H, W, 3)",
+            )
+        )
+    for name in ["checksums", "nsd_id", *(m for m in names if m.startswith("images_"))]:
+        if name in names and group[name].shape[:1] != (n,):
+            problems.append(
+                Problem(str(root / name), f"shape {group[name].shape} does not match {n} images")
+            )
+    if problems:
+        return problems
+    expected = sums[...]
+    for i0, i1 in row_blocks(images):
+        block, unreadable = read_rows(images, root, i0, i1, "image")
+        problems += unreadable
+        if block is None:
+            continue
+        for i in range(i0, i1):
+            got = google_crc32c.value(np.ascontiguousarray(block[i - i0]).tobytes())
+            if got != int(expected[i]):
+                problems.append(
+                    Problem(
+                        str(object_file(images, root, i)),
+                        f"image {i} checksum mismatch (stored {int(expected[i]):#010x}, "
+                        f"computed {got:#010x})",
+                    )
+                )
+    return problems
+
+
+def check_roi(group: zarr.Group, root: Path, names: list[str]) -> list[Problem]:
+    """Shapes of an ROI store (or a per-session part) agree with each other and the attributes."""
+    betas, voxels = group["betas"], group["voxels"]
+    n_trials, n_vox = betas.shape
+    attrs = group.attrs.asdict()
+    sessions = attrs.get("sessions")
+    n_sessions = len(sessions) if sessions is not None else 1  # a part holds one session
+    expect = {
+        "voxels": (n_vox, 3),
+        "label": (n_vox,),
+        "mean": (n_sessions, n_vox),
+        "std": (n_sessions, n_vox),
+    }
+    problems = [
+        Problem(str(root / name), f"shape {group[name].shape}, expected {shape}")
+        for name, shape in expect.items()
+        if name in names and group[name].shape != shape
+    ]
+    if n_trials != TRIALS_PER_SESSION * n_sessions:
+        problems.append(
+            Problem(str(root / "betas"), f"{n_trials} trials for {n_sessions} session(s)")
+        )
+    if "shape" in attrs and list(attrs["shape"]) != [n_trials, n_vox]:
+        problems.append(
+            Problem(str(root / "zarr.json"), f"attribute shape {attrs['shape']} != {betas.shape}")
+        )
+    if not problems and "shape_nifti_xyz" in attrs:
+        ijk = voxels[...]
+        if np.any(ijk < 0) or np.any(ijk >= np.asarray(attrs["shape_nifti_xyz"])):
+            problems.append(Problem(str(root / "voxels"), "voxel coordinates outside the grid"))
+    for name in ("mean", "std"):
+        if name in names and not problems:
+            values = group[name][...]
+            if not np.all(np.isfinite(values)) or (name == "std" and np.any(values < 0)):
+                problems.append(Problem(str(root / name), f"{name} holds invalid values"))
+    return problems
+
+
+def check_store(path: str | os.PathLike[str]) -> list[Problem]:
+    """Every problem of the store at ``path``; an empty list when all is well."""
+    root = Path(path)
+    try:
+        meta = read_json(root / "zarr.json")
+        if meta.get("node_type") == "array":
+            return check_decodes(zarr.open_array(root, mode="r"), root)
+        group = zarr.open_group(root, mode="r")
+        arrays = {
+            name: node
+            for name, node in group.members(max_depth=None)
+            if isinstance(node, zarr.Array)
+        }
+    except InputError as err:
+        return [Problem(err.path, err.problem)]
+    except Exception as exc:  # metadata zarr-python refuses
+        return [Problem(str(root), f"cannot be opened ({type(exc).__name__}: {exc})")]
+    names = sorted(arrays)
+    problems: list[Problem] = []
+    covered: set[str] = set()
+    kinds = []
+    if {"betas", "plane_checksums"} <= arrays.keys():
+        kinds.append((check_session, (group, root), {"betas", "plane_checksums"}))
+    if {"images", "checksums"} <= arrays.keys():
+        kinds.append((check_images, (group, root, names), {"images", "checksums"}))
+    if {"betas", "voxels"} <= arrays.keys() and arrays["betas"].ndim == 2:
+        kinds.append((check_roi, (group, root, names), set()))
+    for check, args, checked in kinds:
+        try:
+            problems += check(*args)
+        except Exception as exc:  # e.g. an unreadable checksum array: name the check that failed
+            problems.append(Problem(str(root), f"{check.__name__} failed ({_error(exc)})"))
+        covered |= checked
+    for name in names:
+        if name not in covered:
+            problems += check_decodes(arrays[name], root, "trial" if name == "betas" else "row")
+    return problems
