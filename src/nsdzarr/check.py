@@ -84,16 +84,21 @@ def read_rows(
         return (arr[start:stop] if arr.ndim else arr[...]), []
     except Exception:  # a codec, index or checksum error: find the chunks whose bytes are bad
         pass
-    problems = []
+    failed = []
     step = arr.chunks[0] if arr.ndim else 1
     for t0 in range(start, stop, step):
         t1 = min(t0 + step, stop)
         try:
             arr[t0:t1] if arr.ndim else arr[...]
         except Exception as exc:
-            rows = f"{what} {t0}" if t1 - t0 == 1 else f"{what}s {t0}..{t1 - 1}"
-            where = str(object_file(arr, root, t0))
-            problems.append(Problem(where, f"{rows} cannot be read ({_error(exc)})"))
+            failed.append((t0, t1, exc))
+    if len(failed) == len(range(start, stop, step)):  # the whole range, e.g. a broken index
+        failed = [(start, stop, failed[0][2])]
+    problems = []
+    for t0, t1, exc in failed:
+        rows = f"{what} {t0}" if t1 - t0 == 1 else f"{what}s {t0}..{t1 - 1}"
+        where = str(object_file(arr, root, t0))
+        problems.append(Problem(where, f"{rows} cannot be read ({_error(exc)})"))
     if not problems:  # pragma: no cover - failed as a whole yet every chunk reads
         problems.append(Problem(str(root / arr.path), f"{what}s {start}..{stop - 1} unreadable"))
     return None, problems

@@ -169,8 +169,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
         conv = tot["jobs"].get("convert", {}).get("runtime_min", 0)
         lines.append(
-            f"{name:8} {tot['sessions']:7d} {_mb(tot['raw_bytes']):>9} "
+            f"{name:8} {str(tot['sessions']) + ' ses':>7} {_mb(tot['raw_bytes']):>9} "
             f"{_mb(tot['store_bytes']):>9} {tot['store_files']:6d} {mems} {conv:11d} "
-            "(total; MB columns: largest request)"
+            "total (MB: largest request)"
         )
     return "\n".join(lines)
