@@ -210,6 +210,7 @@ def test_info_shows_shapes_codecs_shards_and_sizes(results: Path):
     info = json.loads(nsdzarr("info", "--json", store).stdout)
     betas = {a["name"]: a for a in info["arrays"]}["betas"]
     assert betas["shards"] == [50, 16, 24, 20] and betas["chunks"] == [1, 16, 24, 20]
+    assert {a["name"]: a for a in info["arrays"]}["plane_checksums"]["shards"] is None
     assert (betas["bytes"], betas["files"]) == store_stats(store / "betas")
     assert (info["bytes"], info["files"]) == store_stats(store)
     assert info["attributes"]["axes"] == ["trial", "z", "y", "x"]
