@@ -22,7 +22,7 @@ from nsdzarr.convert import convert_session, store_stats
 from nsdzarr.demo import DemoSpec
 from nsdzarr.estimate import write_session_estimate
 from nsdzarr.resources import estimate_job_mem_mb
-from nsdzarr.roi import extract_session, finish_store
+from nsdzarr.roi import extract_session, finish_store, read_split
 from nsdzarr.storage import ROI_STORAGE, StorageSettings
 from nsdzarr.trials import write_trial_tables
 
@@ -187,6 +187,22 @@ def test_inconsistent_roi_shapes_are_reported(results: Path, tmp_path: Path):
     proc = nsdzarr("verify", roi)
     assert proc.returncode == 1
     assert any("2250 trials for 2 session(s)" in line for line in problem_lines(proc))
+
+
+def test_changed_roi_rows_no_longer_match_their_statistics(results: Path, tmp_path: Path):
+    subj = tmp_path / "subj01"
+    shutil.copytree(results / "subj01" / "roi" / "nsdgeneral.zarr", subj / "roi" / "r.zarr")
+    shutil.copy(results / "subj01" / "trials.tsv", subj / "trials.tsv")
+    assert nsdzarr("verify", subj).returncode == 0
+    train = [t for t, split in enumerate(read_split(subj / "trials.tsv", 2)) if split == "train"]
+    betas = zarr.open_group(subj / "roi" / "r.zarr", mode="r+")["betas"]
+    row = 750 + train[0]
+    betas[row] = betas[row] + 5  # decodes fine: only the statistics can tell
+    proc = nsdzarr("verify", subj)
+    assert proc.returncode == 1
+    lines = problem_lines(proc)
+    assert lines and all(": session 2: " in line for line in lines), lines
+    assert lines[0].startswith(f"{subj / 'roi' / 'r.zarr' / 'mean'}: session 2: mean of voxels")
 
 
 def test_usage_errors_exit_2(tmp_path: Path):

@@ -8,8 +8,10 @@ must at least decode.
 
 from __future__ import annotations
 
+import ast
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import zarr
 from nsdzarr.convert import plane_checksums
 from nsdzarr.errors import InputError
 from nsdzarr.layout import TRIALS_PER_SESSION
+from nsdzarr.roi import read_split
 from nsdzarr.zarr_v3 import read_json
 
 MAX_ERROR_CHARS = 200
@@ -217,6 +220,65 @@ def check_roi(group: zarr.Group, root: Path, names: list[str]) -> list[Problem]:
             values = group[name][...]
             if not np.all(np.isfinite(values)) or (name == "std" and np.any(values < 0)):
                 problems.append(Problem(str(root / name), f"{name} holds invalid values"))
+    # results/{subject}/trials.tsv, beside the subject's roi/ folder (or a part's roi/x.parts/)
+    trials_tsv = next(
+        (p / "trials.tsv" for p in root.parents[:3] if (p / "trials.tsv").is_file()), None
+    )
+    splits = _stats_splits(attrs)
+    if problems or not {"mean", "std"} <= set(names) or trials_tsv is None or splits is None:
+        return problems + check_decodes(betas, root, "trial")
+    numbers = list(sessions) if sessions is not None else [int(attrs["session"])]
+    try:
+        use = np.concatenate([np.isin(read_split(trials_tsv, s), splits) for s in numbers])
+    except InputError as err:  # trials.tsv of another run: the rows can still be decoded
+        return [Problem(err.path, err.problem), *check_decodes(betas, root, "trial")]
+    return check_roi_stats(group, root, numbers, use)
+
+
+def _stats_splits(attrs: dict) -> tuple[str, ...] | None:
+    """The splits the statistics were computed over (a part's are always the default)."""
+    if "session" in attrs and "stats" not in attrs:
+        return ("train",)
+    found = re.search(r"split in (\[.*\])", str(attrs.get("stats", "")))
+    return tuple(ast.literal_eval(found[1])) if found else None
+
+
+def check_roi_stats(
+    group: zarr.Group, root: Path, sessions: list[int], use: np.ndarray
+) -> list[Problem]:
+    """Decode every row of an ROI store and recompute its per-session statistics from them,
+    over the rows where ``use`` is true."""
+    betas = group["betas"]
+    total = np.zeros((len(sessions), betas.shape[1]))
+    squares = np.zeros_like(total)
+    problems, unread = [], set()
+    for t0, t1 in row_blocks(betas):
+        block, unreadable = read_rows(betas, root, t0, t1, "trial")
+        problems += unreadable
+        if block is None:
+            unread |= set(range(t0 // TRIALS_PER_SESSION, (t1 - 1) // TRIALS_PER_SESSION + 1))
+            continue
+        of_session = np.arange(t0, t1) // TRIALS_PER_SESSION
+        for i in np.unique(of_session).tolist():
+            rows = block[(of_session == i) & use[t0:t1]].astype(np.float64)
+            total[i] += rows.sum(axis=0)
+            squares[i] += np.square(rows).sum(axis=0)
+    n = np.maximum(use.reshape(len(sessions), -1).sum(axis=1), 1)[:, None]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    for name, got in (("mean", mean), ("std", std)):
+        stored = group[name][...]
+        for i in range(len(sessions)):
+            wrong = np.flatnonzero(~np.isclose(stored[i], got[i], rtol=1e-5, atol=1e-3))
+            if len(wrong) and i not in unread:
+                problems.append(
+                    Problem(
+                        str(root / name),
+                        f"session {sessions[i]}: {name} of voxels {wrong[:8].tolist()} differs "
+                        f"from the one of its stored rows (trials {TRIALS_PER_SESSION * i}.."
+                        f"{TRIALS_PER_SESSION * (i + 1) - 1})",
+                    )
+                )
     return problems
 
 
@@ -246,7 +308,7 @@ def check_store(path: str | os.PathLike[str]) -> list[Problem]:
     if {"images", "checksums"} <= arrays.keys():
         kinds.append((check_images, (group, root, names), {"images", "checksums"}))
     if {"betas", "voxels"} <= arrays.keys() and arrays["betas"].ndim == 2:
-        kinds.append((check_roi, (group, root, names), set()))
+        kinds.append((check_roi, (group, root, names), {"betas"}))
     for check, args, checked in kinds:
         try:
             problems += check(*args)
