@@ -275,7 +275,7 @@ def check_roi_stats(
                     Problem(
                         str(root / name),
                         f"session {sessions[i]}: {name} of voxels {wrong[:8].tolist()} differs "
-                        f"from the one of its stored rows (trials {TRIALS_PER_SESSION * i}.."
+                        f"from what its stored rows give (trials {TRIALS_PER_SESSION * i}.."
                         f"{TRIALS_PER_SESSION * (i + 1) - 1})",
                     )
                 )
