@@ -148,6 +148,15 @@ def test_flipped_byte_in_a_session_shard_names_the_shard_and_trial(results: Path
     assert lines[0].startswith(f"{shard}: trial 57 "), lines[0]
     # found the same way when given the folder above it
     assert problem_lines(nsdzarr("verify", "-q", tmp_path)) == lines
+    # a shard file that is gone reads as zeros: every trial of it is named, the file as missing
+    (store / "betas" / "c" / "3" / "0" / "0" / "0").unlink()
+    lines = problem_lines(nsdzarr("verify", store))
+    missing = [
+        line for line in lines if line.endswith("the file is missing, read as the fill value)")
+    ]
+    assert [re.search(r"trial (\d+) ", line)[1] for line in missing] == [
+        str(t) for t in range(150, 200)
+    ]
 
 
 def test_flipped_byte_in_an_image_shard_names_the_shard_and_image(results: Path, tmp_path: Path):

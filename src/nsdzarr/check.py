@@ -75,6 +75,11 @@ def row_blocks(arr: zarr.Array, limit: int = READ_BYTES) -> Iterator[tuple[int, 
         yield start, min(start + step, arr.shape[0])
 
 
+def _missing(path: Path) -> str:
+    """A note for a mismatch whose file is absent (zarr-python then reads the fill value)."""
+    return "" if path.exists() else "; the file is missing, read as the fill value"
+
+
 def _error(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
 
@@ -136,11 +141,13 @@ def check_session(group: zarr.Group, root: Path) -> list[Problem]:
         got = plane_checksums(block)
         for t in (np.flatnonzero(np.any(got != expected[t0:t1], axis=1)) + t0).tolist():
             planes = np.flatnonzero(got[t - t0] != expected[t]).tolist()
+            where = object_file(betas, root, t)
             problems.append(
                 Problem(
-                    str(object_file(betas, root, t)),
+                    str(where),
                     f"trial {t} differs from its source (plane checksums of z-planes "
-                    f"{planes[:8]}{' ...' if len(planes) > 8 else ''} do not match)",
+                    f"{planes[:8]}{' ...' if len(planes) > 8 else ''} do not match"
+                    f"{_missing(where)})",
                 )
             )
     return problems
@@ -175,11 +182,12 @@ def check_images(group: zarr.Group, root: Path, names: list[str]) -> list[Proble
         for i in range(i0, i1):
             got = google_crc32c.value(np.ascontiguousarray(block[i - i0]).tobytes())
             if got != int(expected[i]):
+                where = object_file(images, root, i)
                 problems.append(
                     Problem(
-                        str(object_file(images, root, i)),
+                        str(where),
                         f"image {i} checksum mismatch (stored {int(expected[i]):#010x}, "
-                        f"computed {got:#010x})",
+                        f"computed {got:#010x}{_missing(where)})",
                     )
                 )
     return problems
