@@ -135,6 +135,7 @@ def test_verify_finds_and_passes_every_store_of_a_clean_release(results: Path):
     assert ok == sorted(str(results / s) for s in stores)
 
 
+@pytest.mark.slow
 def test_flipped_byte_in_a_session_shard_names_the_shard_and_trial(results: Path, tmp_path: Path):
     store = tmp_path / "session01.zarr"
     shutil.copytree(results / "subj01" / "betas" / "session01.zarr", store)
@@ -198,6 +199,7 @@ def test_inconsistent_roi_shapes_are_reported(results: Path, tmp_path: Path):
     assert any("2250 trials for 2 session(s)" in line for line in problem_lines(proc))
 
 
+@pytest.mark.slow
 def test_changed_roi_rows_no_longer_match_their_statistics(results: Path, tmp_path: Path):
     subj = tmp_path / "subj01"
     shutil.copytree(results / "subj01" / "roi" / "nsdgeneral.zarr", subj / "roi" / "r.zarr")
@@ -248,6 +250,7 @@ def test_info_shows_shapes_codecs_shards_and_sizes(results: Path):
     assert one["node_type"] == "array" and one["shape"] == [N_IMAGES, 16, 16, 3]
 
 
+@pytest.mark.slow
 def test_plan_matches_the_workflow_estimates(demo_root: Path, tmp_path: Path):
     mask = layout.roi_path(demo_root, "subj01", SPEC.space, "nsdgeneral.nii.gz")
     args = ["plan", "--nsd-root", demo_root, "--subjects", "subj01", "--json", "--sample"]
@@ -293,3 +296,13 @@ def test_plan_without_a_download_uses_the_release_facts():
         assert row["store_bytes"] == fact["store_bytes"]
         assert row["jobs"]["convert"] == fact["jobs"]["convert"]
     assert plan["subjects"]["subj03"]["sessions"] == 32
+
+
+@pytest.mark.slow
+def test_verify_passes_what_the_demo_workflow_wrote(demo_run: Path):
+    proc = nsdzarr("verify", demo_run / "results")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok = {line.removesuffix(": OK") for line in proc.stdout.splitlines()}
+    subj = demo_run / "results" / "subj01"
+    expected = {str(subj / "betas" / f"session{s:02d}.zarr") for s in SESSIONS}
+    assert expected | {str(subj / "roi" / f"{r}.zarr") for r in ("nsdgeneral", "V1")} <= ok
