@@ -89,7 +89,13 @@ def test_seeded_epochs_cover_the_split_once_through_workers(stores, truth, conte
     ds = BetasDataset(stores[0])  # train split
     sampler = TrialBatchSampler(ds, 32, seed=7)
     assert SamplerFromModule is TrialBatchSampler
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context=context)
+    loader = DataLoader(
+        ds,
+        batch_sampler=sampler,
+        num_workers=2,
+        multiprocessing_context=context,
+        persistent_workers=True,  # the sampler's epoch lives in this process all the same
+    )
     orders = []
     for epoch in (0, 0, 1):
         sampler.set_epoch(epoch)
