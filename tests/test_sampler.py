@@ -277,6 +277,13 @@ def test_resume_with_plain_dataloader_and_state_checks(stores):
     assert len(list(other)) == len(other)
     with pytest.raises(ValueError, match="batch_size"):
         TrialBatchSampler(ds, 16).load_state_dict(state)
+    ranks = [TrialBatchSampler(ds, 32, seed=11, num_replicas=2, rank=r) for r in (0, 1)]
+    whole = list(ranks[1])
+    it = iter(ranks[0])
+    for _ in range(k):
+        next(it)
+    ranks[1].load_state_dict(ranks[0].state_dict())  # rank 0's checkpoint resumes rank 1
+    assert list(ranks[1]) == whole[k:]
     with pytest.raises(ValueError, match="num_replicas"):
         TrialBatchSampler(ds, 32, num_replicas=2, rank=0).load_state_dict(state)
 

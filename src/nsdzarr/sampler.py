@@ -25,6 +25,8 @@ the same on every rank, so at each step all ranks hold the same subject.
 Resume: :meth:`state_dict` after k batches of an epoch and :meth:`load_state_dict` on a new
 sampler (same dataset length and configuration) make its next iteration yield exactly the
 remaining ``len - k`` batches of that epoch; later iterations start epochs from the start.
+The state holds no rank: at the same step it is the same on every rank, so rank 0's
+checkpoint resumes all of them.
 torchdata's ``StatefulDataLoader`` does this by itself (it takes the sampler's state as it
 hands out batches). With a plain DataLoader the sampler runs ahead of training by the
 prefetched batches, so save ``{**sampler.state_dict(), "batches": steps_done}``.
@@ -137,13 +139,13 @@ class TrialBatchSampler(Sampler[list[int]]):
 
     # ---- checkpointing
     def _config(self) -> dict[str, Any]:
+        """What a saved state must agree on (not the rank: every rank is at the same step)."""
         return {
             "n": self.n,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
-            "rank": self.rank,
             "by_subject": self.by_subject,
             "groups": [len(g) for g in self._groups],
         }
