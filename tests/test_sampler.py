@@ -7,6 +7,7 @@ store of another voxel count (subjXX, 200 voxels) for the per-subject cases.
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from pathlib import Path
 
@@ -153,6 +154,42 @@ def test_replicas_are_disjoint_with_equal_batch_counts(stores, replicas, drop_la
             for step in zip(*ranks, strict=True):  # all ranks hold one subject at each step
                 owners = {next(k for k, v in ds_index.items() if b[0] in v) for b in step}
                 assert len(owners) == 1
+
+
+def distributed_rank(rank: int, store: str, folder: str) -> None:
+    """One gloo rank: the sampler's defaults come from the process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", world_size=2, rank=rank)
+    try:
+        sampler = TrialBatchSampler(BetasDataset(store), 32, seed=4)
+        sampler.set_epoch(1)
+        got = {"world": sampler.num_replicas, "rank": sampler.rank, "batches": list(sampler)}
+        Path(folder, f"{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned ranks
+def test_replicas_default_to_the_torch_distributed_group(stores, tmp_path: Path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=distributed_rank, args=(r, str(stores[0]), str(tmp_path)))
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = [json.loads(Path(tmp_path, f"{r}.json").read_text()) for r in (0, 1)]
+    assert [(g["world"], g["rank"]) for g in got] == [(2, 0), (2, 1)]
+    ds = BetasDataset(stores[0])
+    for g, r in zip(got, (0, 1), strict=True):
+        expected = TrialBatchSampler(ds, 32, seed=4, num_replicas=2, rank=r)
+        expected.set_epoch(1)
+        assert g["batches"] == list(expected)
+    assert TrialBatchSampler(ds, 32).num_replicas == 1  # no process group here
 
 
 def test_torch_distributed_sampler_with_the_dataset(stores, truth):
