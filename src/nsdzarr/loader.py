@@ -15,9 +15,10 @@ With ``average_repeats=True`` an item is one (subject, nsd_id) and ``trial``, ``
 A DataLoader batch is one read: ``__getitems__`` (called by torch's ``_MapDatasetFetcher``
 when present) reads all rows of the batch at once and returns a :class:`BetasBatch`, a
 sequence of item dicts that also carries the already-collated batch. torch passes what
-``__getitems__`` returns to ``collate_fn``; the default collate stacks the items as usual,
-while :func:`collate` (or :meth:`BetasDataset.dataloader`) returns the collated batch with no
-second copy.
+``__getitems__`` returns to ``collate_fn``; torch's ``default_collate`` (its items' type is
+registered in ``default_collate_fn_map``) and :func:`collate` both return the collated batch
+with no second copy. :class:`TrialBatchSampler` (:mod:`nsdzarr.sampler`) gives seeded,
+resumable, distributed batches; ``by_subject=True`` when the stores' voxel counts differ.
 
 Fast path: each process reads the Zarr v3 shard files itself (:mod:`nsdzarr.row_reader`: the
 encoded chunks located through the cached shard indexes, nearby ones read together, decoded
@@ -53,10 +54,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data._utils.collate import collate as torch_collate
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from nsdzarr.batch_transport import BatchPool, Slot, WorkerBatch, pool_available, shared_empty
 from nsdzarr.errors import InputError
 from nsdzarr.row_reader import ShardRows, ZarrRows
+from nsdzarr.sampler import TrialBatchSampler  # noqa: F401 (re-exported)
 from nsdzarr.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
 
 SPLITS = ("train", "test", "all")
@@ -206,6 +210,10 @@ def _subject_of(path: Path) -> str:
 # --------------------------------------------------------------------------- batches
 
 
+class BetasItem(dict):
+    """One item of a :class:`BetasBatch` (a plain dict; its type lets collate find the batch)."""
+
+
 class BetasBatch(Sequence):
     """What ``__getitems__`` returns: item dicts on demand plus the collated batch."""
 
@@ -225,7 +233,18 @@ class BetasBatch(Sequence):
                 k: (v if isinstance(v, list) else list(v.unbind(0)) if v.dim() > 1 else v.tolist())
                 for k, v in self.collated.items()
             }
-        return {k: v[j] for k, v in self._lists.items()}
+        return BetasItem({k: v[j] for k, v in self._lists.items()})
+
+
+def _collate_items(batch: Sequence[BetasItem], *, collate_fn_map: Any = None) -> Any:
+    """torch's ``default_collate`` on items of a BetasBatch: the batch as read, no copy."""
+    if isinstance(batch, BetasBatch):
+        return batch.collated
+    return torch_collate([dict(x) for x in batch], collate_fn_map=collate_fn_map)
+
+
+# torch documents extending default_collate through this map (dispatch on the first item's type)
+default_collate_fn_map[BetasItem] = _collate_items
 
 
 def collate(batch: Any) -> Any:
@@ -493,10 +512,19 @@ class BetasDataset(Dataset):
         return len(self._item_store)
 
     @property
-    def n_voxels(self) -> int | list[int]:
-        """Voxels per item (a list when the stores differ)."""
-        counts = sorted({info.n_voxels for info in self.stores})
-        return counts[0] if len(counts) == 1 else [info.n_voxels for info in self.stores]
+    def n_voxels(self) -> int:
+        """Voxels per item; ValueError when the stores differ (see ``voxels_per_store``)."""
+        counts = set(self.voxels_per_store)
+        if len(counts) > 1:
+            raise ValueError(
+                f"stores differ in voxel count {self.voxels_per_store}: see voxels_per_store"
+            )
+        return counts.pop()
+
+    @property
+    def voxels_per_store(self) -> list[int]:
+        """Voxels per item of each store, in store order (as ``subjects``)."""
+        return [info.n_voxels for info in self.stores]
 
     @property
     def subjects(self) -> list[str]:
@@ -561,8 +589,9 @@ class BetasDataset(Dataset):
         n_vox = self.stores[ids[0]].n_voxels
         if any(self.stores[s].n_voxels != n_vox for s in ids):
             raise ValueError(
-                "a batch mixes stores with different voxel counts; batch each subject "
-                "separately (see BetasDataset.indices_by_subject)"
+                "a batch mixes stores with different voxel counts "
+                f"{sorted({self.stores[s].n_voxels for s in ids})}: "
+                "batch with TrialBatchSampler(dataset, batch_size, by_subject=True)"
             )
         dtype = self.stores[ids[0]].disk_dtype if len(ids) == 1 else np.dtype(np.float32)
         raw = rt.buffer(len(rows), n_vox, dtype)
