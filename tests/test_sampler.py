@@ -13,17 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchdata.stateful_dataloader as sdl
+import zarr
+from test_loader import build_store, read_tsv
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-torch = pytest.importorskip("torch")
-
-import zarr  # noqa: E402
-from test_loader import build_store, read_tsv  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, default_collate  # noqa: E402
-
-from nsdzarr.loader import BetasDataset, TrialBatchSampler, collate  # noqa: E402
-from nsdzarr.roi import roi_settings  # noqa: E402
-from nsdzarr.sampler import TrialBatchSampler as SamplerFromModule  # noqa: E402
-from nsdzarr.storage import StorageSettings, create_trial_array  # noqa: E402
+from nsdzarr.loader import BetasDataset, TrialBatchSampler, collate
+from nsdzarr.roi import roi_settings
+from nsdzarr.sampler import TrialBatchSampler as SamplerFromModule
+from nsdzarr.storage import StorageSettings, create_trial_array
 
 SMALL_VOXELS = 200
 
@@ -261,7 +260,6 @@ def epoch_batches(loader, n: int | None = None) -> list[list[int]]:
 
 @pytest.mark.parametrize("by_subject", [False, True])
 def test_resume_with_stateful_dataloader(stores, by_subject: bool):
-    sdl = pytest.importorskip("torchdata.stateful_dataloader")
     ds = BetasDataset(stores if by_subject else stores[0], split="test")  # voxels differ
 
     def make():
