@@ -50,3 +50,4 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+        qc_outputs(),

@@ -143,6 +143,7 @@ def final_outputs():
         heavy_outputs()
         + expand("results/{subject}/trials.tsv", subject=SUBJECTS)
         + ["results/summary/estimates.tsv"]
+        + qc_outputs()
     )
 
 
@@ -235,3 +236,38 @@ def heavy_outputs():
 def benchmark_files(wildcards):
     """The benchmark files the heavy jobs wrote (read once they have run)."""
     return sorted(str(p) for p in Path("results/benchmarks").glob("*/*/*.tsv"))
+
+
+def subject_session_outputs(pattern):
+    """Input function: `pattern` expanded over the configured sessions of the job's subject."""
+
+    def inputs(wildcards):
+        return [
+            pattern.format(subject=wildcards.subject, session=f"{s:02d}")
+            for s in sessions_of(wildcards.subject)
+        ]
+
+    return inputs
+
+
+def subject_roi_stores(wildcards):
+    """Every configured ROI store of the job's subject, by ROI name."""
+    return {
+        roi: f"results/{wildcards.subject}/roi/{roi}.zarr" for roi in config["rois"]
+    }
+
+
+def qc_outputs():
+    """The QC figures and the reliability NIfTIs that `rule all` requests."""
+    per_subject = ["store_sizes.png", "trial_counts.png"]
+    if config["rois"]:
+        per_subject.append("roi_session_drift.png")
+    per_roi = ["reliability.nii.gz", "reliability_hist.png", "reliability_slices.png"]
+    return expand(
+        "results/summary/{subject}_{name}", subject=SUBJECTS, name=per_subject
+    ) + expand(
+        "results/summary/{subject}_{roi}_{name}",
+        subject=SUBJECTS,
+        roi=list(config["rois"]),
+        name=per_roi,
+    )

@@ -1,3 +1,11 @@
+# Light jobs: they read small stores and tables and run on the submitting host.
+localrules:
+    qc_stores,
+    qc_trials,
+    qc_drift,
+    qc_reliability,
+
+
 rule estimate_summary:
     input:
         estimates=session_outputs("results/{subject}/estimates/session{session}.json"),
@@ -9,7 +17,12 @@ rule estimate_summary:
         png=report(
             "results/summary/memory_requested_vs_measured.png",
             caption="../report/memory.rst",
-            category="Estimates",
+            category="Job resources",
+        ),
+        runtime_png=report(
+            "results/summary/runtime_requested_vs_measured.png",
+            caption="../report/runtime.rst",
+            category="Job resources",
         ),
     log:
         "logs/summary/estimate_summary.log",
@@ -19,3 +32,87 @@ rule estimate_summary:
         benchmarks=benchmark_files,
     script:
         "../scripts/estimate_summary.py"
+
+
+rule qc_stores:
+    input:
+        estimates=subject_session_outputs(
+            "results/{subject}/estimates/session{session}.json"
+        ),
+        stores=subject_session_outputs("results/{subject}/betas/session{session}.zarr"),
+    output:
+        report(
+            "results/summary/{subject}_store_sizes.png",
+            caption="../report/store_sizes.rst",
+            category="Stores",
+            subcategory="{subject}",
+        ),
+    log:
+        "logs/summary/{subject}_qc_stores.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    script:
+        "../scripts/qc_stores.py"
+
+
+rule qc_trials:
+    input:
+        "results/{subject}/trials.tsv",
+    output:
+        report(
+            "results/summary/{subject}_trial_counts.png",
+            caption="../report/trial_counts.rst",
+            category="Stores",
+            subcategory="{subject}",
+        ),
+    log:
+        "logs/summary/{subject}_qc_trials.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    script:
+        "../scripts/qc_trials.py"
+
+
+rule qc_drift:
+    input:
+        unpack(subject_roi_stores),
+    output:
+        report(
+            "results/summary/{subject}_roi_session_drift.png",
+            caption="../report/session_drift.rst",
+            category="ROI quality",
+            subcategory="{subject}",
+        ),
+    log:
+        "logs/summary/{subject}_qc_drift.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    script:
+        "../scripts/qc_drift.py"
+
+
+rule qc_reliability:
+    input:
+        store="results/{subject}/roi/{roi}.zarr",
+        trials="results/{subject}/trials.tsv",
+        atlas=roi_mask,
+    output:
+        nifti="results/summary/{subject}_{roi}_reliability.nii.gz",
+        hist=report(
+            "results/summary/{subject}_{roi}_reliability_hist.png",
+            caption="../report/reliability_hist.rst",
+            category="ROI quality",
+            subcategory="{subject}",
+        ),
+        slices=report(
+            "results/summary/{subject}_{roi}_reliability_slices.png",
+            caption="../report/reliability_slices.rst",
+            category="ROI quality",
+            subcategory="{subject}",
+        ),
+    log:
+        "logs/summary/{subject}_{roi}_qc_reliability.log",
+    conda:
+        "../envs/nsdzarr.yaml"
+    script:
+        "../scripts/qc_reliability.py"

@@ -1,4 +1,4 @@
-"""Snakemake adapter: estimates table, Markdown report and requested-vs-measured plot."""
+"""Snakemake adapter: estimates table, Markdown report and requested-vs-measured plots."""
 
 import sys
 
@@ -15,4 +15,5 @@ run_job(
     snakemake.output.tsv,
     snakemake.output.md,
     snakemake.output.png,
+    snakemake.output.runtime_png,
 )

@@ -9,7 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nsdzarr.atomic import atomic_output
+from nsdzarr.figures import new_figure, no_data, save_png
 from nsdzarr.memory import MB
 
 SESSION_FILE = re.compile(r"(subj\d+)/estimates/session(\d+)\.json$")
@@ -80,7 +83,7 @@ def totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def measured_peaks(
     estimate_files: list[str | os.PathLike[str]], benchmark_files: list[str | os.PathLike[str]]
 ) -> list[dict[str, Any]]:
-    """(job, requested mem_mb, measured max_rss MB) for every Snakemake benchmark file found."""
+    """Requested vs measured memory (MB) and runtime of every job with a benchmark file."""
     estimates = {}
     for path in estimate_files:
         m = SESSION_FILE.search(Path(path).as_posix())
@@ -104,6 +107,8 @@ def measured_peaks(
                 "requested_mb": jobs[job]["mem_mb"],
                 "predicted_peak_mb": jobs[job]["peak_bytes"] / MB,
                 "measured_max_rss_mb": max(float(b["max_rss"]) for b in bench),
+                "requested_runtime_min": jobs[job]["runtime_min"],
+                "measured_runtime_s": max(float(b["s"]) for b in bench),
             }
         )
     return out
@@ -131,39 +136,78 @@ def write_tsv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
         writer.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
 
 
+def _job_axis(ax: Any, peaks: list[dict[str, Any]]) -> np.ndarray:
+    """One x position per job, labelled "rule s01" while they stay readable."""
+    x = np.arange(len(peaks))
+    if len(peaks) <= 40:
+        # "subj01 roi_session/V1 session02" -> "roi_session/V1 s02"
+        labels = [
+            f"{job} s{session.removeprefix('session')}"
+            for _subject, job, session in (p["job"].split(" ") for p in peaks)
+        ]
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel(f"job ({len(peaks)}, by rule and session)")
+    return x
+
+
 def plot_requested_vs_measured(peaks: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """A PNG scatter of requested memory against measured peak RSS, one point per job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    """Per job: requested mem_mb, the model's predicted peak and the measured peak RSS."""
+    fig, ax = new_figure(9, 5.5)
     if peaks:
-        req = [p["requested_mb"] for p in peaks]
-        pred = [p["predicted_peak_mb"] for p in peaks]
-        got = [p["measured_max_rss_mb"] for p in peaks]
-        ax.scatter(got, pred, s=18, label="predicted peak of the job's script")
-        ax.scatter(got, req, s=18, marker="^", label="requested mem_mb (+ Snakemake's processes)")
-        for p, x, y in zip(peaks, got, req, strict=True):
-            # "subj01 roi_session/V1 session02" -> "roi_session/V1 s02", beside its request
-            _subject, job, session = p["job"].split(" ")
-            label = f"{job} s{session.removeprefix('session')}"
-            ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6)
-        top = max(max(req), max(got)) * 1.1
-        ax.plot([0, top], [0, top], "k--", lw=1, label="= measured")
-        ax.set_xlim(0, top)
-        ax.set_ylim(0, top)
-        ax.legend(loc="upper left", fontsize=8)
+        x = _job_axis(ax, peaks)
+        ax.plot(x, [p["requested_mb"] for p in peaks], "v", ms=8, label="requested mem_mb")
+        ax.plot(
+            x,
+            [p["predicted_peak_mb"] for p in peaks],
+            "o",
+            mfc="none",
+            ms=8,
+            label="predicted peak of the job's script",
+        )
+        ax.plot(
+            x,
+            [p["measured_max_rss_mb"] for p in peaks],
+            "o",
+            ms=6,
+            label="measured peak RSS (Snakemake benchmark)",
+        )
+        ax.set_ylim(0, max(p["requested_mb"] for p in peaks) * 1.15)
+        fig.legend(loc="outside lower center", ncols=3)
     else:
-        ax.text(0.5, 0.5, "no benchmark files yet", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("measured peak RSS of the job's script (MB, Snakemake benchmark)")
-    ax.set_ylabel("MB")
+        no_data(ax, "no benchmark files yet")
+    ax.set_ylabel("memory (MB)")
     ax.set_title("Memory requested vs measured per job")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def plot_runtime_requested_vs_measured(
+    peaks: list[dict[str, Any]], path: str | os.PathLike[str]
+) -> None:
+    """Per job: the requested runtime against the wall time its benchmark file measured."""
+    fig, ax = new_figure(9, 5.5)
+    if peaks:
+        x = _job_axis(ax, peaks)
+        ax.plot(
+            x,
+            [p["requested_runtime_min"] * 60 for p in peaks],
+            "v",
+            ms=8,
+            label="requested runtime",
+        )
+        ax.plot(
+            x,
+            [max(p["measured_runtime_s"], 0.01) for p in peaks],
+            "o",
+            ms=6,
+            label="measured wall time (Snakemake benchmark)",
+        )
+        ax.set_yscale("log")
+        fig.legend(loc="outside lower center", ncols=2)
+    else:
+        no_data(ax, "no benchmark files yet")
+    ax.set_ylabel("runtime (s, log scale)")
+    ax.set_title("Runtime requested vs measured per job")
+    save_png(fig, path)
 
 
 def write_summary(
@@ -172,8 +216,9 @@ def write_summary(
     out_tsv: str | os.PathLike[str],
     out_md: str | os.PathLike[str],
     out_png: str | os.PathLike[str],
+    out_runtime_png: str | os.PathLike[str],
 ) -> None:
-    """Write the estimates table (TSV), its Markdown report and the requested-vs-measured plot."""
+    """Write the estimates table (TSV), its Markdown report and the requested-vs-measured plots."""
     rows = session_rows(estimate_files)
     peaks = measured_peaks(estimate_files, benchmark_files)
     write_tsv(rows, out_tsv)
@@ -182,9 +227,10 @@ def write_summary(
         + markdown_table(totals(rows))
         + "\n## Sessions\n\n"
         + markdown_table(rows)
-        + "\n## Requested vs measured peak memory per job\n\n"
+        + "\n## Requested vs measured memory and runtime per job\n\n"
         + markdown_table(peaks)
     )
     with atomic_output(out_md) as tmp:
         Path(tmp).write_text(text)
     plot_requested_vs_measured(peaks, out_png)
+    plot_runtime_requested_vs_measured(peaks, out_runtime_png)

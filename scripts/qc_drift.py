@@ -1,0 +1,16 @@
+"""Snakemake adapter: per-session mean and std of a subject's ROI betas (session drift)."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.qc import plot_session_drift
+
+run_job(
+    snakemake.log[0],
+    plot_session_drift,
+    dict(snakemake.input.items()),
+    snakemake.output[0],
+    snakemake.wildcards.subject,
+)

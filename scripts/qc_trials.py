@@ -1,0 +1,16 @@
+"""Snakemake adapter: a subject's trial counts per session and split."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.jobs import run_job
+from nsdzarr.qc import plot_trial_counts
+
+run_job(
+    snakemake.log[0],
+    plot_trial_counts,
+    snakemake.input[0],
+    snakemake.output[0],
+    snakemake.wildcards.subject,
+)
