@@ -1,8 +1,9 @@
 """Convert the NSD stimulus brick (``imgBrick``, ``(N, H, W, 3)`` uint8) into a Zarr v3 store.
 
 Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
-a memory budget; whole shards are written through zarr-python on a small thread pool, then the
-finished store is read back and every image's CRC32C compared with its source row's.
+a memory budget; whole shards are written on a small thread pool (``convert.ShardIO``: our
+shard writer for raw and zstd chunks, zarr-python for Blosc), then the finished store is read
+back and every image's CRC32C compared with its source row's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image
 
 from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
-from nsdzarr.convert import source_attrs, store_stats
+from nsdzarr.convert import ShardIO, source_attrs, store_stats
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import _problem_opening
 from nsdzarr.memory import DEFAULT_STIMULI_BUDGET_BYTES, STIMULI_SHARDS_IN_FLIGHT, stimuli_peak
@@ -198,39 +199,54 @@ def resize_images(block: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_shard(
-    arrays: dict[str, zarr.Array], sizes: Sequence[int], start: int, block: np.ndarray
+    ios: dict[str, ShardIO], sizes: Sequence[int], start: int, block: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Write one shard's rows to ``images`` and each resized array; return their checksums."""
     sums = {"images": image_checksums(block)}
-    arrays["images"][start : start + len(block)] = block
+    ios["images"].write(start, block)
     for s in sizes:
         small = resize_images(block, s)
         sums[f"images_{s}"] = image_checksums(small)
-        arrays[f"images_{s}"][start : start + len(block)] = small
+        ios[f"images_{s}"].write(start, small)
     return sums
 
 
 def verify_images(
-    store: Path, target: Path, expected: dict[str, np.ndarray], ids: np.ndarray, pool: Any
+    store: Path,
+    target: Path,
+    ios: dict[str, ShardIO],
+    expected: dict[str, np.ndarray],
+    ids: np.ndarray,
+    pool: ThreadPoolExecutor,
 ) -> None:
-    """Read every array of the finished store through zarr-python and compare checksums."""
+    """Re-read every shard of the finished store (zarr_v3's decoder where it reads the layout,
+    zarr-python otherwise) and compare each image's CRC32C; zarr-python re-reads the first and
+    last image of each array, so a store only our reader understands fails too."""
     group = zarr.open_group(store, mode="r", zarr_format=3)
+
+    def fail(name: str, row: int, why: str) -> VerificationError:
+        return VerificationError(
+            target, f"array {name!r} {why} at nsd_id {int(ids[row])} (row {row})"
+        )
+
     for name, sums in expected.items():
-        arr = group[name]
-        step = arr.shards[0]
+        io = ios[name]
 
-        def check(block: tuple[int, int], arr: zarr.Array = arr) -> np.ndarray:
-            return image_checksums(arr[block[0] : block[1]])
+        def check(block: tuple[int, int], io: ShardIO = io, name: str = name) -> np.ndarray:
+            try:
+                return image_checksums(io.read(*block))
+            except Exception as err:  # any codec or index error means the bytes on disk are bad
+                raise fail(name, block[0], f"unreadable ({err})") from None
 
-        blocks = trial_blocks(arr.shape[0], step)
+        blocks = trial_blocks(len(sums), io.arr.shards[0])
         for (b0, b1), got in zip(blocks, pool.map(check, blocks), strict=True):
             bad = np.flatnonzero(got != sums[b0:b1])
             if bad.size:
-                raise VerificationError(
-                    target,
-                    f"array {name!r} differs from its source at nsd_id {int(ids[b0 + bad[0]])} "
-                    f"(row {b0 + int(bad[0])})",
-                )
+                raise fail(name, b0 + int(bad[0]), "differs from its source")
+        arr = group[name]
+        for row in {0, len(sums) - 1}:
+            if image_checksums(arr[row : row + 1])[0] != sums[row]:
+                raise fail(name, row, "reads differently through zarr-python")
 
 
 def convert_stimuli(
@@ -268,6 +284,7 @@ def convert_stimuli(
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
+            ThreadPoolExecutor(max(1, threads)) as codec_pool,
         ):
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
@@ -275,6 +292,7 @@ def convert_stimuli(
                 arrays[f"images_{s}"] = create_image_array(
                     group, f"images_{s}", (n, s, s, c), settings
                 )
+            ios = {name: ShardIO(arr, Path(tmp), codec_pool) for name, arr in arrays.items()}
             sums = {name: np.zeros(n, np.uint32) for name in arrays}
             pending: deque[tuple[int, Future[dict[str, np.ndarray]]]] = deque()
 
@@ -306,7 +324,7 @@ def convert_stimuli(
                     if filled == shard_rows or written + filled == n:
                         block = shard[:filled]
                         pending.append(
-                            (written, pool.submit(_write_shard, arrays, sizes, written, block))
+                            (written, pool.submit(_write_shard, ios, sizes, written, block))
                         )
                         written += filled
                         filled = 0
@@ -315,7 +333,7 @@ def convert_stimuli(
             del buf, rows, shard
             collect(0)
             t_write = time.perf_counter()
-            verify_images(tmp, target, sums, ids, pool)
+            verify_images(tmp, target, ios, sums, ids, pool)
             verify_s = time.perf_counter() - t_write
             group.create_array(
                 "nsd_id", data=ids, compressors=None, dimension_names=("image",), chunks=(n,)
