@@ -329,6 +329,8 @@ def test_demo_brick_is_the_full_nsd_range_and_deterministic(tmp_path: Path):
         assert d.chunks == (100, 8, 6, 3)
         rows = d[[0, 255, 256, 65536, 72999]]
         assert [demo_stimulus_id(r) for r in rows] == [0, 255, 256, 65536, 72999]
+        np.testing.assert_array_equal(rows[:, 0, 1], rows[:, 0, 0, ::-1])
+        np.testing.assert_array_equal(rows[:, 7, 5], [[8, 6, 255]] * 5)
         np.testing.assert_array_equal(g["imgBrick"][:], d[:1500])
         assert not np.array_equal(o["imgBrick"][:], d[:1500])
         assert [demo_stimulus_id(r) for r in o["imgBrick"][[5, 1499]]] == [5, 1499]
