@@ -258,6 +258,11 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, dict, str]]:
         {},
         r"shape \(.*\), expected \(N, H, W, 3\)",
     )
+    cases["empty"] = (
+        write_brick(tmp / "e.hdf5", np.zeros((0, 7, 5, 3), np.uint8)),
+        {},
+        "no images",
+    )
     cases["float"] = (write_brick(tmp / "f.hdf5", good.astype(np.float32)), {}, "expected uint8")
     cases["uint16"] = (write_brick(tmp / "u16.hdf5", good.astype(np.uint16)), {}, "uint8")
     cases["id too large"] = (full, {"nsd_ids": [0, 6]}, "6 images .* nsd_id 6 was asked")
@@ -268,7 +273,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, dict, str]]:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "not hdf5", "truncated", "corrupt data", "no imgBrick", "3-D", "RGBA",
+    ["missing", "not hdf5", "truncated", "corrupt data", "no imgBrick", "3-D", "RGBA", "empty",
      "float", "uint16", "id too large", "negative id", "no ids"],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tmp_path: Path, case: str):
@@ -282,7 +287,7 @@ def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tmp_path: Path
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"{path}: ")
     assert list(out.iterdir()) == []
-    if case not in ("id too large", "negative id", "no ids", "corrupt data"):
+    if case not in ("id too large", "negative id", "no ids", "corrupt data", "empty"):
         with pytest.raises(InputError, match=problem):
             stimuli_metadata(path)
 

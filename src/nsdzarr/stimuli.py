@@ -126,6 +126,8 @@ def select_ids(
     path: str | os.PathLike[str], nsd_ids: Sequence[int] | np.ndarray | None, n_rows: int
 ) -> np.ndarray:
     """The sorted unique ids to convert (all rows for None); InputError if any is not a row."""
+    if n_rows == 0:
+        raise InputError(path, f"dataset {DATASET!r} holds no images")
     if nsd_ids is None:
         return np.arange(n_rows, dtype=np.int64)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
