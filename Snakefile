@@ -30,6 +30,11 @@ include: "rules/roi.smk"
 include: "rules/summary.smk"
 
 
+if STIMULI:
+
+    include: "rules/stimuli.smk"
+
+
 # Light jobs run on the submitting host, also under `--executor slurm`.
 localrules:
     all,

@@ -147,6 +147,36 @@ def final_outputs():
     )
 
 
+def stimuli_hdf5(wildcards=None):
+    """The release's stimulus file (`imgBrick`)."""
+    return str(layout.stimuli_path(NSD_ROOT))
+
+
+def stimuli_enabled():
+    """Whether to build the image store: `auto` = the stimulus file exists (or the demo)."""
+    enabled = config["stimuli"]["enabled"]
+    present = config["demo"] or Path(stimuli_hdf5()).is_file()
+    if enabled is True and not present:
+        raise WorkflowError(
+            f"{stimuli_hdf5()}: stimulus file not found (stimuli.enabled is true; "
+            "set it to auto or false to go without images)"
+        )
+    return present if enabled == "auto" else enabled
+
+
+def stimuli_trials(wildcards=None):
+    """The trial tables whose images the store holds (none: every row of the file)."""
+    if config["stimuli"]["subset"] == "all":
+        return []
+    return expand("results/{subject}/trials.tsv", subject=SUBJECTS)
+
+
+def stimuli_storage():
+    """Codec and shard settings of the image store (the `stimuli` keys that are storage)."""
+    keys = ("codec", "level", "shuffle", "images_per_shard")
+    return {key: config["stimuli"][key] for key in keys}
+
+
 def stim_info_csv(wildcards):
     """`nsd_stim_info_merged.csv` when the release has it (adds coco_id), else nothing."""
     path = layout.stim_info_path(NSD_ROOT)
@@ -227,9 +257,13 @@ def subject_roi_masks(wildcards):
 
 
 def heavy_outputs():
-    """Outputs of the rules that carry `benchmark:` files (conversion and ROI extraction)."""
-    return session_outputs("results/{subject}/betas/session{session}.zarr") + expand(
-        "results/{subject}/roi/{roi}.zarr", subject=SUBJECTS, roi=list(config["rois"])
+    """Outputs of the rules that carry `benchmark:` files (conversion, ROIs, stimuli)."""
+    return (
+        session_outputs("results/{subject}/betas/session{session}.zarr")
+        + expand(
+            "results/{subject}/roi/{roi}.zarr", subject=SUBJECTS, roi=list(config["rois"])
+        )
+        + (["results/stimuli/images.zarr"] if STIMULI else [])
     )
 
 
@@ -271,3 +305,6 @@ def qc_outputs():
         roi=list(config["rois"]),
         name=per_roi,
     )
+
+
+STIMULI = stimuli_enabled()

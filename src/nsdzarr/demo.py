@@ -175,6 +175,7 @@ def write_demo(root: str | Path, spec: DemoSpec | None = None) -> list[Path]:
     with atomic_output(design_file) as tmp:
         scipy.io.savemat(tmp, design, format="5", do_compression=False)
     write_stim_info(layout.stim_info_path(root), design, spec.seed)
+    write_demo_stimuli(layout.stimuli_path(root), spec.seed)
     aff = affine(spec.shape_xyz)
     for subject in spec.subjects:
         for session in range(1, spec.sessions + 1):

@@ -86,7 +86,7 @@ class DemoSpec:
 
 def demo_files(root: str | Path, spec: DemoSpec) -> list[Path]:
     """Every file :func:`write_demo` creates under ``root``."""
-    files = [design_path(root), stim_info_path(root)]
+    files = [design_path(root), stim_info_path(root), stimuli_path(root)]
     for subject in spec.subjects:
         files += [
             betas_path(root, subject, spec.space, spec.beta_version, s)

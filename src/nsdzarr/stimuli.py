@@ -9,6 +9,7 @@ back and every image's CRC32C compared with its source row's.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import resource
@@ -389,3 +390,21 @@ def convert_stimuli(
     }
     log.info("wrote %s", report)
     return report
+
+
+def build_image_store(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    estimate: str | os.PathLike[str],
+    trials: Sequence[str | os.PathLike[str]] | None = None,
+    sizes: Sequence[int] = (),
+    settings: StimuliStorage | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """The workflow's image store: the images of ``trials`` (every row if None), read in the
+    blocks its ``estimate`` JSON sized for the job's memory."""
+    job = json.loads(Path(estimate).read_text())["jobs"]["stimuli"]
+    ids = None if trials is None else ids_from_trials(trials)
+    return convert_stimuli(
+        source, target, ids, sizes, settings, budget_bytes=job["budget_bytes"], threads=threads
+    )

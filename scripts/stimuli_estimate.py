@@ -1,0 +1,21 @@
+"""Snakemake adapter: size, memory and runtime estimate of the stimulus image store."""
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")
+
+from nsdzarr.estimate import write_stimuli_estimate
+from nsdzarr.jobs import run_job
+from nsdzarr.storage import StimuliStorage
+
+run_job(
+    snakemake.log[0],
+    write_stimuli_estimate,
+    snakemake.input.source,
+    snakemake.output[0],
+    snakemake.input.trials or None,
+    snakemake.params.sizes,
+    StimuliStorage.from_config(snakemake.params.storage),
+    ceiling_mb=snakemake.params.ceiling_mb,
+    factor=snakemake.params.factor,
+)
