@@ -261,7 +261,9 @@ def heavy_outputs():
     return (
         session_outputs("results/{subject}/betas/session{session}.zarr")
         + expand(
-            "results/{subject}/roi/{roi}.zarr", subject=SUBJECTS, roi=list(config["rois"])
+            "results/{subject}/roi/{roi}.zarr",
+            subject=SUBJECTS,
+            roi=list(config["rois"]),
         )
         + (["results/stimuli/images.zarr"] if STIMULI else [])
     )
@@ -269,7 +271,11 @@ def heavy_outputs():
 
 def benchmark_files(wildcards):
     """The benchmark files the heavy jobs wrote (read once they have run)."""
-    return sorted(str(p) for p in Path("results/benchmarks").glob("*/*/*.tsv"))
+    return sorted(
+        str(p)
+        for pattern in ("*/*/*.tsv", "stimuli/*.tsv")
+        for p in Path("results/benchmarks").glob(pattern)
+    )
 
 
 def subject_session_outputs(pattern):

@@ -9,6 +9,7 @@ localrules:
 rule estimate_summary:
     input:
         estimates=session_outputs("results/{subject}/estimates/session{session}.json"),
+        stimuli=["results/stimuli/estimate.json"] if STIMULI else [],
         # the heavy jobs whose benchmark files hold the measured peaks
         done=heavy_outputs(),
     output:

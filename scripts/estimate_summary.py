@@ -16,4 +16,5 @@ run_job(
     snakemake.output.md,
     snakemake.output.png,
     snakemake.output.runtime_png,
+    stimuli_estimate=next(iter(snakemake.input.stimuli), None),
 )

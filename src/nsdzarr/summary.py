@@ -17,6 +17,7 @@ from nsdzarr.memory import MB
 
 SESSION_FILE = re.compile(r"(subj\d+)/estimates/session(\d+)\.json$")
 BENCH_FILE = re.compile(r"(subj\d+)/(\w+)/(?:(.+)_)?session(\d+)\.tsv$")
+STIMULI_BENCH_FILE = re.compile(r"benchmarks/stimuli/stimuli\.tsv$")
 COLUMNS = [
     "subject",
     "session",
@@ -80,8 +81,26 @@ def totals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def stimuli_row(estimate_file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The summary row of the stimulus image store's estimate."""
+    est = json.loads(Path(estimate_file).read_text())
+    job = est["jobs"]["stimuli"]
+    return {
+        "images": est["n_images"],
+        "source_shape": "x".join(map(str, est["source"]["shape"])),
+        "sizes": ",".join(map(str, est["sizes"])) or "-",
+        "raw_mb": est["raw_bytes"] / MB,
+        "store_mb": est["store_bytes"] / MB,
+        "store_files": est["store_files"],
+        "mem_mb": job["mem_mb"],
+        "runtime_min": job["runtime_min"],
+    }
+
+
 def measured_peaks(
-    estimate_files: list[str | os.PathLike[str]], benchmark_files: list[str | os.PathLike[str]]
+    estimate_files: list[str | os.PathLike[str]],
+    benchmark_files: list[str | os.PathLike[str]],
+    stimuli_estimate: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Requested vs measured memory (MB) and runtime of every job with a benchmark file."""
     estimates = {}
@@ -89,21 +108,26 @@ def measured_peaks(
         m = SESSION_FILE.search(Path(path).as_posix())
         if m:
             estimates[(m[1], int(m[2]))] = json.loads(Path(path).read_text())["jobs"]
+    if stimuli_estimate:
+        estimates["stimuli"] = json.loads(Path(stimuli_estimate).read_text())["jobs"]
     out = []
     for path in sorted(map(str, benchmark_files)):
-        m = BENCH_FILE.search(Path(path).as_posix())
-        if not m:
+        if STIMULI_BENCH_FILE.search(Path(path).as_posix()):
+            # labelled like the session jobs ("subject job session") for the plots' axes
+            subject, job, session, jobs = "all", "stimuli", None, estimates.get("stimuli", {})
+        elif m := BENCH_FILE.search(Path(path).as_posix()):
+            subject, rule, roi, session = m[1], m[2], m[3], int(m[4])
+            job = f"{rule}/{roi}" if roi else rule
+            jobs = estimates.get((subject, session), {})
+        else:
             continue
-        subject, rule, roi, session = m[1], m[2], m[3], int(m[4])
-        job = f"{rule}/{roi}" if roi else rule
-        jobs = estimates.get((subject, session), {})
         with open(path, newline="") as fh:
             bench = list(csv.DictReader(fh, delimiter="\t"))
         if job not in jobs or not bench:
             continue
         out.append(
             {
-                "job": f"{subject} {job} session{session:02d}",
+                "job": f"{subject} {job} " + ("-" if session is None else f"session{session:02d}"),
                 "requested_mb": jobs[job]["mem_mb"],
                 "predicted_peak_mb": jobs[job]["peak_bytes"] / MB,
                 "measured_max_rss_mb": max(float(b["max_rss"]) for b in bench),
@@ -142,7 +166,7 @@ def _job_axis(ax: Any, peaks: list[dict[str, Any]]) -> np.ndarray:
     if len(peaks) <= 40:
         # "subj01 roi_session/V1 session02" -> "roi_session/V1 s02"
         labels = [
-            f"{job} s{session.removeprefix('session')}"
+            f"{job} s{session.removeprefix('session')}" if session != "-" else job
             for _subject, job, session in (p["job"].split(" ") for p in peaks)
         ]
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
@@ -217,16 +241,22 @@ def write_summary(
     out_md: str | os.PathLike[str],
     out_png: str | os.PathLike[str],
     out_runtime_png: str | os.PathLike[str],
+    stimuli_estimate: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write the estimates table (TSV), its Markdown report and the requested-vs-measured plots."""
     rows = session_rows(estimate_files)
-    peaks = measured_peaks(estimate_files, benchmark_files)
+    peaks = measured_peaks(estimate_files, benchmark_files, stimuli_estimate)
     write_tsv(rows, out_tsv)
     text = (
         "# Size and memory estimates\n\n## Totals\n\n"
         + markdown_table(totals(rows))
         + "\n## Sessions\n\n"
         + markdown_table(rows)
+        + (
+            "\n## Stimulus images\n\n" + markdown_table([stimuli_row(stimuli_estimate)])
+            if stimuli_estimate
+            else ""
+        )
         + "\n## Requested vs measured memory and runtime per job\n\n"
         + markdown_table(peaks)
     )
