@@ -43,10 +43,8 @@ pages costs more than decoding on our VMs.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,151 +55,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from nsdzarr.batch_transport import BatchPool, Slot, WorkerBatch, pool_available, shared_empty
 from nsdzarr.errors import InputError
 from nsdzarr.row_reader import ShardRows, ZarrRows
-from nsdzarr.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
+from nsdzarr.store_info import default_max_open_files, load_store_info, subject_of
+from nsdzarr.zarr_v3 import parse_layout  # noqa: F401 - re-exported for tests and users
 
 SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
 MAX_REPEATS = 3
-TRIAL_COLUMNS = ("trial", "session", "nsd_id", "repeat", "split")
 # int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
 META_BYTES_PER_ITEM = 8 * 11
-
-# --------------------------------------------------------------------------- store metadata
-
-
-@dataclass
-class StoreInfo:
-    """One ROI store: layout, statistics, its trials.tsv columns (plain data, picklable)."""
-
-    subject: str
-    path: str
-    trials_tsv: str
-    layout: ArrayLayout | None  # None -> zarr-python fallback
-    n_rows: int
-    n_voxels: int
-    disk_dtype: np.dtype
-    sessions: list[int]
-    scale: float
-    row_session: np.ndarray  # (n_rows,) index into ``sessions``
-    columns: dict[str, np.ndarray]  # trial, session, nsd_id, repeat (int64), split (str)
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None  # zeros replaced by 1
-
-
-def _read_trials(path: Path, n_rows: int) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise InputError(path, "trials table not found (expected beside the store's subject)")
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.reader(fh, delimiter="\t")
-            header = next(reader, None)
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(path, f"unreadable trials table ({exc})") from exc
-    missing = [c for c in TRIAL_COLUMNS if c not in (header or [])]
-    if missing:
-        raise InputError(path, f"missing columns {missing}")
-    if len(rows) != n_rows:
-        raise InputError(path, f"{len(rows)} rows but the store has {n_rows} trials")
-    cols = {}
-    try:
-        for name in TRIAL_COLUMNS:
-            i = header.index(name)
-            values = [r[i] for r in rows]
-            cols[name] = np.array(values) if name == "split" else np.array(values, dtype=np.int64)
-    except (IndexError, ValueError) as exc:
-        raise InputError(path, f"malformed row ({exc})") from exc
-    bad = set(np.unique(cols["split"]).tolist()) - {"train", "test"}
-    if bad:
-        raise InputError(path, f"unknown split values {sorted(bad)}")
-    return cols
-
-
-def load_store_info(
-    store: str | os.PathLike[str],
-    subject: str,
-    trials: str | os.PathLike[str] | None,
-    need_stats: bool,
-) -> StoreInfo:
-    """Read a store's metadata, its trials table and (if asked) its statistics, then close."""
-    root = Path(store)
-    if not root.is_dir():
-        raise InputError(root, "ROI store not found")
-    group = read_json(root / "zarr.json")
-    if group.get("node_type") != "group":
-        raise InputError(root / "zarr.json", "not a Zarr group (expected an ROI store)")
-    attrs = group.get("attributes") or {}
-    meta, lay = parse_layout(root / "betas")
-    shape = tuple(meta.get("shape", ()))
-    if len(shape) != 2:
-        raise InputError(root / "betas", f"betas must be 2-D (trials, voxels), got shape {shape}")
-    n_rows, n_vox = int(shape[0]), int(shape[1])
-    if lay is not None and (lay.inner[1] != n_vox or lay.grid[1] != n_vox):
-        lay = None  # chunks split the voxels: zarr-python reads them
-    if lay is not None and lay.sharded:
-        absent = [
-            lay.key((s, 0))
-            for s in range(lay.n_objects()[0])
-            if not os.path.exists(lay.key((s, 0)))
-        ]
-        if absent:
-            raise InputError(
-                absent[0],
-                f"shard file missing ({len(absent)} of {lay.n_objects()[0]}); store incomplete",
-            )
-    try:
-        dtype = lay.dtype if lay is not None else np.dtype(str(meta.get("data_type")))
-    except TypeError as exc:
-        raise InputError(root / "betas", f"unsupported data type ({exc})") from exc
-    tsv = Path(trials) if trials is not None else root.parent.parent / "trials.tsv"
-    cols = _read_trials(tsv, n_rows)
-    sessions = [int(s) for s in attrs.get("sessions") or dict.fromkeys(cols["session"].tolist())]
-    if not sessions or n_rows % len(sessions):
-        raise InputError(root, f"{n_rows} rows do not split into sessions {sessions}")
-    expected = np.repeat(sessions, n_rows // len(sessions))
-    if not np.array_equal(cols["session"], expected):
-        raise InputError(tsv, f"session column does not match the store's sessions {sessions}")
-    info = StoreInfo(
-        subject=subject,
-        path=str(root),
-        trials_tsv=str(tsv),
-        layout=lay,
-        n_rows=n_rows,
-        n_voxels=n_vox,
-        disk_dtype=dtype,
-        sessions=sessions,
-        scale=float(attrs.get("scale", 300)),
-        row_session=np.repeat(np.arange(len(sessions)), n_rows // len(sessions)),
-        columns=cols,
-    )
-    if need_stats:
-        for name in ("mean", "std"):
-            if not (root / name / "zarr.json").is_file():
-                raise InputError(root / name, "missing: needed for normalize='session_zscore'")
-        mean = read_array(root / "mean").astype(np.float32)
-        std = read_array(root / "std").astype(np.float32)
-        if mean.shape != (len(sessions), n_vox) or std.shape != mean.shape:
-            raise InputError(root, f"mean/std shape {mean.shape} != (sessions, voxels)")
-        info.mean, info.std = mean, np.where(std == 0, np.float32(1), std)
-    return info
-
-
-def default_max_open_files(n_stores: int) -> int:
-    """Per-store bound on open shard files: 1/8 of the soft fd limit (64..4096) over the stores."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        soft = 1 << 15
-    budget = max(64, min(4096, soft // 8))
-    return max(16, budget // max(1, n_stores))
-
-
-def _subject_of(path: Path) -> str:
-    """``results/{subject}/roi/{roi}.zarr`` -> subject; else the store's name."""
-    parent = path.resolve().parent
-    return parent.parent.name if parent.name == "roi" else path.stem
-
 
 # --------------------------------------------------------------------------- batches
 
@@ -378,7 +239,7 @@ class BetasDataset(Dataset):
         if isinstance(store, Mapping):
             return [(str(s), str(p)) for s, p in store.items()]
         paths = [store] if isinstance(store, str | os.PathLike) else list(store)
-        return [(_subject_of(Path(p)), str(p)) for p in paths]
+        return [(subject_of(Path(p)), str(p)) for p in paths]
 
     def _index_items(self) -> None:
         store_ids, rows = [], []
