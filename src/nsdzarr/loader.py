@@ -8,6 +8,7 @@
     session  int                            NSD session number (1-based)
     repeat   int                            0, 1, 2: which showing of the image
     subject  str
+    image    uint8 tensor (3, H, W)         with ``images=``: imgBrick[nsd_id], channels first
 
 With ``average_repeats=True`` an item is one (subject, nsd_id) and ``trial``, ``session`` and
 ``repeat`` are int64 tensors of length 3 padded with -1, plus ``n_repeats``.
@@ -38,11 +39,19 @@ once, when the workers start. Either way one copy serves every process.
 DataLoader workers hand batches to the main process through reused memfd buffers instead of
 torch's fresh shared memory per batch (:mod:`nsdzarr.batch_transport`): faulting in fresh
 pages costs more than decoding on our VMs.
+
+Images (``images=`` an image store, :class:`nsdzarr.readers.ImageReader`): a batch's images
+are read like its betas, one pass over the shard files decoding each (H, W, 3) row straight
+into the batch buffer, which travels through the same worker buffers. The batch's ``image``
+is that NHWC buffer permuted to (B, 3, H, W): channels_last memory format, no copy
+(``.contiguous()`` makes an NCHW copy if a model needs one). Images are always read from disk,
+also with ``in_memory=True`` (73k full-size images are ~40 GB; the page cache serves re-reads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,6 +63,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 from nsdzarr.batch_transport import BatchPool, Slot, WorkerBatch, pool_available, shared_empty
 from nsdzarr.errors import InputError
+from nsdzarr.readers import ImageReader
 from nsdzarr.row_reader import ShardRows, ZarrRows
 from nsdzarr.store_info import default_max_open_files, load_store_info, subject_of
 from nsdzarr.zarr_v3 import parse_layout  # noqa: F401 - re-exported for tests and users
@@ -180,6 +190,8 @@ class BetasDataset(Dataset):
     > 1 decodes a batch on a thread pool in processes that are not DataLoader workers.
     ``pooled_batches``: in DataLoader workers, hand batches to the main process through
     reused buffers (see ``BatchPool``) instead of fresh shared memory per batch.
+    ``images``: an image store; items gain ``image`` (every item's nsd_id must be in it);
+    ``image_size=S`` reads its resized copy ``images_{S}``.
     """
 
     def __init__(
@@ -194,6 +206,8 @@ class BetasDataset(Dataset):
         max_open_files: int | None = None,
         decode_threads: int = 1,
         pooled_batches: bool = True,
+        images: str | os.PathLike[str] | None = None,
+        image_size: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -217,6 +231,8 @@ class BetasDataset(Dataset):
             pairs, tsvs = [pairs[i] for i in keep], [tsvs[i] for i in keep]
         if not pairs:
             raise ValueError("no store given")
+        if image_size is not None and images is None:
+            raise ValueError("image_size needs images= (an image store)")
         self.split, self.normalize, self.average_repeats = split, normalize, average_repeats
         self.in_memory = in_memory
         self.decode_threads = max(1, int(decode_threads))
@@ -229,6 +245,11 @@ class BetasDataset(Dataset):
         self.max_open_files = max_open_files or default_max_open_files(len(self.stores))
         self._rt: _Runtime | None = None
         self._index_items()
+        self.images: ImageReader | None = None
+        self._item_image: np.ndarray | None = None  # image store row of each item
+        if images is not None:
+            self.images = ImageReader(images, image_size, self.max_open_files)
+            self._item_image = self.images.rows_of(self._item_nsd_id())
         self._mem: list[torch.Tensor | None] = [None] * len(self.stores)
         self._mem_pos: list[np.ndarray | None] = [None] * len(self.stores)
         if in_memory:
@@ -278,6 +299,13 @@ class BetasDataset(Dataset):
         self._group_rows = np.concatenate(g_rows)
         self._item_row = self._group_rows[:, 0]
 
+    def _item_nsd_id(self) -> np.ndarray:
+        ids = np.empty(len(self._item_store), dtype=np.int64)
+        for s, info in enumerate(self.stores):
+            mine = self._item_store == s
+            ids[mine] = info.columns["nsd_id"][self._item_row[mine]]
+        return ids
+
     def _load_in_memory(self) -> None:
         """Decode the rows this dataset uses once into memory, then close every file."""
         rt = _Runtime(len(self.stores))
@@ -323,6 +351,8 @@ class BetasDataset(Dataset):
         if self._rt is not None and self._rt.pid == os.getpid():
             self._rt.close()
         self._rt = None
+        if self.images is not None:
+            self.images.close()
 
     # ---- per-process state
     def _runtime(self) -> _Runtime:
@@ -407,7 +437,7 @@ class BetasDataset(Dataset):
         raw = self._read_raw(rt, stores, rows)
         self._normalize(raw, stores, rows, betas.numpy()[None])
         cols = self.stores[s].columns
-        return {
+        item = {
             "betas": betas,
             "nsd_id": int(cols["nsd_id"][row]),
             "trial": int(cols["trial"][row]),
@@ -415,6 +445,11 @@ class BetasDataset(Dataset):
             "repeat": int(cols["repeat"][row]),
             "subject": self.stores[s].subject,
         }
+        if self.images is not None:
+            image = torch.empty(self.images.shape[1:], dtype=torch.uint8)
+            self.images.read_into(self._item_image[i : i + 1], image.numpy()[None])
+            item["image"] = image.permute(2, 0, 1)
+        return item
 
     def _read_raw(self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rows (len(rows), n_vox) in the stores' dtype, in a per-process scratch buffer."""
@@ -474,7 +509,9 @@ class BetasDataset(Dataset):
             stores = np.repeat(item_store, counts)
         s0 = int(item_store[0]) if len(idx) else 0
         shape = (len(idx), self.stores[s0].n_voxels)
+        ishape = (len(idx), *self.images.shape[1:]) if self.images is not None else (0,)
         nbytes = len(idx) * (4 * shape[1] + META_BYTES_PER_ITEM) + 512  # + alignment of 6 arrays
+        nbytes += math.prod(ishape) + 64 if self.images is not None else 0
         slot = rt.slot(nbytes, self.pooled_batches)
         if slot is not None:
             betas = torch.from_numpy(slot.empty(shape, np.float32))
@@ -482,6 +519,17 @@ class BetasDataset(Dataset):
             betas = shared_empty(shape)
         else:
             betas = torch.empty(shape, dtype=torch.float32)
+        collated: dict[str, Any] = {"betas": betas}
+        if self.images is not None:  # NHWC rows, handed out as NCHW in channels_last format
+            if slot is not None:
+                image = torch.from_numpy(slot.empty(ishape, np.uint8))
+            elif get_worker_info() is not None:
+                image = shared_empty(ishape, torch.uint8)
+            else:
+                image = torch.empty(ishape, dtype=torch.uint8)
+            if len(idx):
+                self.images.read_into(self._item_image[idx], image.numpy(), rt.executor)
+            collated["image"] = image.permute(0, 3, 1, 2)
         if len(idx):
             raw = self._read_raw(rt, stores, rows)
             out = betas.numpy()
@@ -505,7 +553,6 @@ class BetasDataset(Dataset):
                     vals[mine] = np.where(g >= 0, self.stores[s].columns[key][np.maximum(g, 0)], -1)
                 cols[key] = vals
             cols["n_repeats"] = counts.astype(np.int64)
-        collated: dict[str, Any] = {"betas": betas}
         for key, v in cols.items():
             collated[key] = torch.from_numpy(slot.copy(v) if slot is not None else v)
         if self._single:
@@ -535,5 +582,7 @@ class BetasDataset(Dataset):
         return (
             f"BetasDataset({len(self)} items, subjects [{subjects}], split={self.split!r}, "
             f"normalize={self.normalize!r}, average_repeats={self.average_repeats}, "
-            f"in_memory={self.in_memory}, fast_path={all(i.layout for i in self.stores)})"
+            f"in_memory={self.in_memory}, fast_path={all(i.layout for i in self.stores)}"
+            + (f", images={self.images.path!r} ({self.images.info.array})" if self.images else "")
+            + ")"
         )
