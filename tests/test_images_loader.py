@@ -205,6 +205,9 @@ def test_persistent_workers_keep_fds_and_memory_flat_with_images(
         n = 0
         for batch in loader:
             check_batch(batch, brick)
+            # the images came in the batch's slot, right after the betas (not torch's path)
+            betas_bytes = -(-batch["betas"].numel() * 4 // 64) * 64
+            assert batch["image"].data_ptr() - batch["betas"].data_ptr() == betas_bytes
             n += len(batch["nsd_id"])
         assert n == len(ds)
         fds.append(worker_fds(tmp_path, stores[0]))
