@@ -215,3 +215,53 @@ def write_synthetic_session(
             plane[:, brain[z]] = np.round(rng.standard_normal((n_trials, n)) * 300).astype(np.int16)
             d[:, z] = plane
     return path
+
+
+# Rows per HDF5 chunk of the demo brick: a plausible layout for the real, undocumented one.
+DEMO_STIMULI_CHUNK_ROWS = 100
+_DEMO_STIMULI_BLOCK = 1000  # rows drawn from one seeded generator
+
+
+def demo_stimuli_block(block: int, seed: int = 0, shape_hw: tuple[int, int] = (8, 6)) -> np.ndarray:
+    """Demo images ``block * 1000 ..`` + 1000: seeded noise whose pixels ``[0, 0]`` and ``[0, 1]``
+    spell the nsd_id (base 256, big- and little-endian) and ``[H-1, W-1]`` is ``(H, W, 255)``."""
+    h, w = shape_hw
+    out = np.random.default_rng((seed, block)).integers(
+        0, 256, (_DEMO_STIMULI_BLOCK, h, w, 3), dtype=np.uint8
+    )
+    ids = np.arange(block * _DEMO_STIMULI_BLOCK, (block + 1) * _DEMO_STIMULI_BLOCK)
+    digits = np.stack([(ids >> 16) & 255, (ids >> 8) & 255, ids & 255], axis=1).astype(np.uint8)
+    out[:, 0, 0, :] = digits
+    out[:, 0, 1, :] = digits[:, ::-1]  # reversed, so a flipped channel axis is caught too
+    out[:, h - 1, w - 1, :] = (h, w, 255)
+    return out
+
+
+def demo_stimulus_id(image: np.ndarray) -> int:
+    """The nsd_id a demo image (``(H, W, 3)``, as written) spells in its pixel ``[0, 0]``."""
+    r, g, b = (int(v) for v in image[0, 0])
+    return (r << 16) | (g << 8) | b
+
+
+def write_demo_stimuli(
+    path: str | Path, seed: int = 0, n: int = N_NSD_IMAGES, shape_hw: tuple[int, int] = (8, 6)
+) -> Path:
+    """The stimulus brick ``imgBrick`` ``(n, H, W, 3)`` uint8, chunked by 100 rows, atomically.
+
+    Row ``i`` is the same whatever ``n``, so a short brick is a prefix of the full one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = shape_hw
+    with atomic_output(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
+        dset = f.create_dataset(
+            "imgBrick",
+            shape=(n, h, w, 3),
+            dtype=np.uint8,
+            chunks=(max(1, min(DEMO_STIMULI_CHUNK_ROWS, n)), h, w, 3),
+            track_times=False,
+        )
+        for block, start in enumerate(range(0, n, _DEMO_STIMULI_BLOCK)):
+            stop = min(start + _DEMO_STIMULI_BLOCK, n)
+            dset[start:stop] = demo_stimuli_block(block, seed, shape_hw)[: stop - start]
+    return path

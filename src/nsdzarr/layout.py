@@ -41,6 +41,11 @@ def stim_info_path(root: str | Path) -> Path:
     return Path(root) / "nsddata" / "experiments" / "nsd" / "nsd_stim_info_merged.csv"
 
 
+def stimuli_path(root: str | Path) -> Path:
+    """``{root}/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5`` (dataset ``imgBrick``)."""
+    return Path(root) / "nsddata_stimuli" / "stimuli" / "nsd" / "nsd_stimuli.hdf5"
+
+
 def roi_path(root: str | Path, subject: str, space: str, file: str) -> Path:
     """``{root}/nsddata/ppdata/{subject}/{space}/roi/{file}``."""
     return Path(root) / "nsddata" / "ppdata" / subject / space / "roi" / file

@@ -102,3 +102,34 @@ def roi_session_peak(
         + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics
         + int(SHARD_WORK_FACTOR * min(50, n_trials) * n_roi_voxels * itemsize)
     )
+
+
+# Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
+# least one chunk of the file), and this many shards are encoded at once beside the one filling.
+DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB
+STIMULI_SHARDS_IN_FLIGHT = 2
+
+
+def stimuli_peak(
+    shape: tuple[int, ...],
+    n_images: int,
+    images_per_shard: int,
+    sizes: tuple[int, ...] | list[int] = (),
+    budget_bytes: int | None = None,
+    chunk_rows: int = 1,
+) -> int:
+    """Peak RSS of converting ``n_images`` rows of an ``(N, H, W, 3)`` uint8 brick."""
+    n_rows = shape[0]
+    row = math.prod(shape[1:])
+    budget = budget_bytes or DEFAULT_STIMULI_BUDGET_BYTES
+    block_rows = max(1, budget // (row * chunk_rows)) * chunk_rows
+    read_block = min(block_rows, n_rows, -(-n_images // chunk_rows) * chunk_rows) * row
+    shard_rows = min(images_per_shard, n_images)
+    shard = shard_rows * (row + sum(s * s * shape[-1] for s in sizes))
+    return (
+        BASELINE_BYTES
+        + n_images * 16  # ids and checksums
+        + read_block
+        + 2 * shard  # the shard being filled and one queued
+        + int(SHARD_WORK_FACTOR * STIMULI_SHARDS_IN_FLIGHT * shard)
+    )

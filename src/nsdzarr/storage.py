@@ -11,6 +11,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd")
+# Image stores may also be raw: natural images barely compress losslessly (see stimuli.py).
+IMAGE_CODECS = ("none", *CODECS)
 SHUFFLES = {"shuffle": 1, "bitshuffle": 2, "noshuffle": 0}
 
 
@@ -45,8 +47,42 @@ class StorageSettings:
 ROI_STORAGE = StorageSettings(codec="blosc-lz4", level=5, shuffle="shuffle", trials_per_shard=50)
 
 
-def zarr_compressor(settings: StorageSettings, itemsize: int) -> Any:
-    """The Zarr v3 compressor for these settings (Blosc with byte shuffle, or plain zstd)."""
+@dataclass(frozen=True)
+class StimuliStorage:
+    """Codec and shard size of a stimulus image store; mirrors the ``stimuli_storage`` config."""
+
+    codec: str = "none"
+    level: int = 1
+    shuffle: str = "noshuffle"
+    images_per_shard: int = 50
+
+    def __post_init__(self) -> None:
+        if self.codec not in IMAGE_CODECS:
+            raise ValueError(
+                f"unknown codec {self.codec!r}; choose one of {', '.join(IMAGE_CODECS)}"
+            )
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(
+                f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}"
+            )
+        if self.images_per_shard < 1:
+            raise ValueError("images_per_shard must be at least 1")
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None) -> StimuliStorage:
+        """Build from the validated stimulus storage config mapping."""
+        return cls(**(section or {}))
+
+
+# The defaults of every stimulus store (the config schema's defaults match these). One image
+# per chunk (the loader's unit of reading), 50 per shard file (73,000 images -> 1,460 files).
+STIMULI_STORAGE = StimuliStorage()
+
+
+def zarr_compressor(settings: StorageSettings | StimuliStorage, itemsize: int) -> Any:
+    """The Zarr v3 compressor for these settings (Blosc, plain zstd, or None for raw bytes)."""
+    if settings.codec == "none":
+        return None
     if settings.codec == "zstd":
         return ZstdCodec(level=settings.level)
     cname = settings.codec.removeprefix("blosc-")
@@ -55,8 +91,12 @@ def zarr_compressor(settings: StorageSettings, itemsize: int) -> Any:
     )
 
 
-def numcodecs_compressor(settings: StorageSettings, itemsize: int) -> numcodecs.abc.Codec:
+def numcodecs_compressor(
+    settings: StorageSettings | StimuliStorage, itemsize: int
+) -> numcodecs.abc.Codec | None:
     """The same compression as :func:`zarr_compressor`, as a numcodecs codec for sampling."""
+    if settings.codec == "none":
+        return None
     if settings.codec == "zstd":
         return numcodecs.Zstd(level=settings.level)
     cname = settings.codec.removeprefix("blosc-")
@@ -89,4 +129,25 @@ def create_trial_array(
         compressors=zarr_compressor(settings, np.dtype(dtype).itemsize),
         fill_value=0,
         dimension_names=dimension_names,
+    )
+
+
+def create_image_array(
+    group: zarr.Group, name: str, shape: tuple[int, ...], settings: StimuliStorage
+) -> zarr.Array:
+    """An ``(image, y, x, channel)`` uint8 array: one image per chunk, ``images_per_shard``
+    images per shard file."""
+    shard_rows = max(1, min(settings.images_per_shard, shape[0]))
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=np.uint8,
+        chunks=(1, *shape[1:]),
+        shards=(shard_rows, *shape[1:]),
+        compressors=zarr_compressor(settings, 1),
+        fill_value=0,
+        dimension_names=("image", "y", "x", "channel"),
+        # skip zarr's per-chunk comparison with the fill value (a third of the write time);
+        # an all-black image is then stored like any other
+        config={"write_empty_chunks": True},
     )

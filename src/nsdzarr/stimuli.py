@@ -1,0 +1,383 @@
+"""Convert the NSD stimulus brick (``imgBrick``, ``(N, H, W, 3)`` uint8) into a Zarr v3 store.
+
+Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
+a memory budget; whole shards are written on a small thread pool (``convert.ShardIO``: our
+shard writer for raw and zstd chunks, zarr-python for Blosc), then the finished store is read
+back and every image's CRC32C compared with its source row's.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import resource
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import h5py
+import numpy as np
+import PIL
+import zarr
+from PIL import Image
+
+from nsdzarr import __version__
+from nsdzarr.atomic import atomic_output, remove_stale_temporaries
+from nsdzarr.convert import ShardIO, source_attrs, store_stats
+from nsdzarr.errors import InputError, VerificationError
+from nsdzarr.hdf5_read import _problem_opening
+from nsdzarr.memory import DEFAULT_STIMULI_BUDGET_BYTES, STIMULI_SHARDS_IN_FLIGHT, stimuli_peak
+from nsdzarr.storage import STIMULI_STORAGE, StimuliStorage, create_image_array, trial_blocks
+
+log = logging.getLogger(__name__)
+
+DATASET = "imgBrick"
+LAYOUT = "(image, y, x, channel) exactly as imgBrick rows"
+CHECKSUM = "crc32c of each source image's bytes (C order)"
+RESIZE_FILTER = "LANCZOS"
+# Gaps of unwanted rows up to this size are read through rather than skipped (contiguous only:
+# a chunked file would decompress the skipped chunks for nothing).
+GAP_BYTES = 4 << 20
+
+
+# --------------------------------------------------------------------------- input
+
+
+@contextmanager
+def open_stimuli(path: str | os.PathLike[str]) -> Iterator[h5py.Dataset]:
+    """Yield the checked ``imgBrick`` dataset of ``path``; InputError (one line) if unusable."""
+    path = Path(path)
+    problem = _problem_opening(path)
+    if problem:
+        raise InputError(path, problem)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(path, f"cannot open as HDF5 (truncated or corrupt?): {e}") from None
+    try:
+        try:
+            obj = f.get(DATASET)
+        except (OSError, KeyError) as e:
+            raise InputError(
+                path, f"cannot read {DATASET!r} (truncated or corrupt?): {e}"
+            ) from None
+        if not isinstance(obj, h5py.Dataset):
+            names = ", ".join(sorted(f.keys())[:20]) or "nothing"
+            raise InputError(path, f"no dataset named {DATASET!r} (top level has: {names})")
+        if obj.ndim != 4 or obj.shape[3] != 3:
+            raise InputError(
+                path, f"dataset {DATASET!r} has shape {obj.shape}, expected (N, H, W, 3) RGB"
+            )
+        if obj.dtype != np.uint8:
+            raise InputError(path, f"dataset {DATASET!r} has dtype {obj.dtype}, expected uint8")
+        yield obj
+    finally:
+        f.close()
+
+
+def stimuli_metadata(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Shape, dtype, chunking, compression and file size of the stimulus brick."""
+    with open_stimuli(source) as dset:
+        return {
+            "path": str(Path(source)),
+            "dataset": DATASET,
+            "shape": list(dset.shape),
+            "dtype": dset.dtype.str,
+            "chunks": list(dset.chunks) if dset.chunks else None,
+            "compression": dset.compression,
+            "file_bytes": Path(source).stat().st_size,
+        }
+
+
+def ids_from_trials(tsv_paths: Iterable[str | os.PathLike[str]]) -> np.ndarray:
+    """Sorted unique ``nsd_id`` (int64) over the ``trials.tsv`` files."""
+    ids: list[int] = []
+    for p in tsv_paths:
+        path = Path(p)
+        if not path.is_file():
+            raise InputError(path, "trials table not found")
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            if "nsd_id" not in (reader.fieldnames or []):
+                raise InputError(path, "no 'nsd_id' column (expected a trials.tsv)")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    ids.append(int(row["nsd_id"]))
+                except (TypeError, ValueError):
+                    raise InputError(
+                        path, f"line {line}: nsd_id {row['nsd_id']!r} is not an integer"
+                    ) from None
+    return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+def select_ids(
+    path: str | os.PathLike[str], nsd_ids: Sequence[int] | np.ndarray | None, n_rows: int
+) -> np.ndarray:
+    """The sorted unique ids to convert (all rows for None); InputError if any is not a row."""
+    if nsd_ids is None:
+        return np.arange(n_rows, dtype=np.int64)
+    ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
+    if ids.size == 0:
+        raise InputError(path, "no nsd_id asked for")
+    if ids[0] < 0:
+        raise InputError(path, f"nsd_id {int(ids[0])} is negative")
+    if ids[-1] >= n_rows:
+        raise InputError(
+            path,
+            f"{DATASET!r} has {n_rows} images (nsd_id 0..{n_rows - 1}), "
+            f"but nsd_id {int(ids[-1])} was asked for",
+        )
+    return ids
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int) -> int:
+    """Rows per read: a multiple of the file's chunk rows within the budget (one chunk at least)."""
+    return max(1, budget_bytes // (row_bytes * chunk_rows)) * chunk_rows
+
+
+def plan_reads(
+    ids: np.ndarray, n_rows: int, chunk_rows: int, max_rows: int, gap_rows: int = 0
+) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` to read, ascending: whole chunk-row blocks holding ``ids``,
+    runs of them merged across gaps up to ``gap_rows`` and cut at ``max_rows``."""
+    units = np.unique(ids // chunk_rows)
+    gap_units = gap_rows // chunk_rows
+    max_units = max(1, max_rows // chunk_rows)
+    reads: list[tuple[int, int]] = []
+    start = prev = int(units[0]) if units.size else 0
+    for u in units[1:].tolist():
+        if u - prev - 1 > gap_units or u - start >= max_units:
+            reads.append((start, prev + 1))
+            start = u
+        prev = u
+    if units.size:
+        reads.append((start, prev + 1))
+    return [(a * chunk_rows, min(b * chunk_rows, n_rows)) for a, b in reads]
+
+
+def _read_rows(dset: h5py.Dataset, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
+    out = buf[: r1 - r0]
+    try:
+        dset.read_direct(out, np.s_[r0:r1], np.s_[0 : r1 - r0])
+    except OSError as e:  # a damaged or truncated file fails only when its data is read
+        raise InputError(
+            dset.file.filename, f"cannot read images {r0}..{r1 - 1} (truncated or corrupt?): {e}"
+        ) from None
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def image_checksums(block: np.ndarray) -> np.ndarray:
+    """CRC32C of each image's bytes (C order) of an ``(n, H, W, 3)`` block."""
+    return np.fromiter(
+        (google_crc32c.value(np.ascontiguousarray(img).tobytes()) for img in block),
+        dtype=np.uint32,
+        count=len(block),
+    )
+
+
+def resize_images(block: np.ndarray, size: int) -> np.ndarray:
+    """Each image resized to ``size`` x ``size`` with Pillow's antialiased LANCZOS (no crop)."""
+    out = np.empty((len(block), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(block):
+        out[i] = np.asarray(
+            Image.fromarray(img, mode="RGB").resize((size, size), Image.Resampling.LANCZOS)
+        )
+    return out
+
+
+def _write_shard(
+    ios: dict[str, ShardIO], sizes: Sequence[int], start: int, block: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Write one shard's rows to ``images`` and each resized array; return their checksums."""
+    sums = {"images": image_checksums(block)}
+    ios["images"].write(start, block)
+    for s in sizes:
+        small = resize_images(block, s)
+        sums[f"images_{s}"] = image_checksums(small)
+        ios[f"images_{s}"].write(start, small)
+    return sums
+
+
+def verify_images(
+    store: str | os.PathLike[str],
+    expected: dict[str, np.ndarray],
+    ids: np.ndarray,
+    pool: ThreadPoolExecutor,
+    target: str | os.PathLike[str] | None = None,
+) -> None:
+    """Re-read every shard of the finished store (zarr_v3's decoder where it reads the layout,
+    zarr-python otherwise) and compare each image's CRC32C; zarr-python re-reads the first and
+    last image of each array, so a store only our reader understands fails too."""
+    store = Path(store)
+    group = zarr.open_group(store, mode="r", zarr_format=3)
+
+    def fail(name: str, row: int, why: str) -> VerificationError:
+        return VerificationError(
+            target or store, f"array {name!r} {why} at nsd_id {int(ids[row])} (row {row})"
+        )
+
+    for name, sums in expected.items():
+        io = ShardIO(group[name], store, pool)  # decodes each shard's chunks on the pool
+        for b0, b1 in trial_blocks(len(sums), io.arr.shards[0]):
+            try:
+                got = image_checksums(io.read(b0, b1))
+            except Exception as err:  # any codec or index error means the bytes on disk are bad
+                raise fail(name, b0, f"unreadable ({err})") from None
+            bad = np.flatnonzero(got != sums[b0:b1])
+            if bad.size:
+                raise fail(name, b0 + int(bad[0]), "differs from its source")
+        arr = group[name]
+        for row in {0, len(sums) - 1}:
+            if image_checksums(arr[row : row + 1])[0] != sums[row]:
+                raise fail(name, row, "reads differently through zarr-python")
+
+
+def convert_stimuli(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    nsd_ids: Sequence[int] | np.ndarray | None = None,
+    sizes: Sequence[int] = (),
+    settings: StimuliStorage | None = None,
+    budget_bytes: int | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Write the images ``nsd_ids`` (all rows if None) of ``source`` and their ``sizes`` x
+    ``sizes`` resized copies into the Zarr group ``target``, verified, atomically."""
+    t_start = time.perf_counter()
+    source, target = Path(source), Path(target)
+    settings = settings or STIMULI_STORAGE
+    budget = budget_bytes or DEFAULT_STIMULI_BUDGET_BYTES
+    sizes = sorted({int(s) for s in sizes})
+    if any(s < 1 for s in sizes):
+        raise InputError(source, f"resize sizes must be positive, got {sizes}")
+    remove_stale_temporaries(target)
+    with open_stimuli(source) as dset:
+        n_rows, h, w, c = dset.shape
+        ids = select_ids(source, nsd_ids, n_rows)
+        n = len(ids)
+        row_bytes = h * w * c
+        chunk_rows = dset.chunks[0] if dset.chunks else 1
+        max_rows = block_rows(row_bytes, chunk_rows, budget)
+        gap = 0 if dset.chunks else GAP_BYTES // row_bytes
+        reads = plan_reads(ids, n_rows, chunk_rows, max_rows, gap)
+        buf = np.empty((min(max_rows, max(b - a for a, b in reads)), h, w, c), np.uint8)
+        shard_rows = min(settings.images_per_shard, n)
+        log.info("converting %d of %d images %dx%d from %s", n, n_rows, h, w, source)
+        with (
+            atomic_output(target) as tmp,
+            zarr.config.set({"threading.max_workers": threads}),
+            ThreadPoolExecutor(max(1, threads)) as pool,
+            ThreadPoolExecutor(max(1, threads)) as codec_pool,
+        ):
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
+            for s in sizes:
+                arrays[f"images_{s}"] = create_image_array(
+                    group, f"images_{s}", (n, s, s, c), settings
+                )
+            ios = {name: ShardIO(arr, Path(tmp), codec_pool) for name, arr in arrays.items()}
+            sums = {name: np.zeros(n, np.uint32) for name in arrays}
+            pending: deque[tuple[int, Future[dict[str, np.ndarray]]]] = deque()
+
+            def collect(limit: int) -> None:
+                while len(pending) > limit:
+                    start, fut = pending.popleft()
+                    for name, got in fut.result().items():
+                        sums[name][start : start + len(got)] = got
+
+            shard = np.empty((shard_rows, h, w, c), np.uint8)
+            filled = written = 0
+            read_s = 0.0
+            for r0, r1 in reads:
+                t0 = time.perf_counter()
+                rows = _read_rows(dset, r0, r1, buf)
+                read_s += time.perf_counter() - t0
+                lo, hi = np.searchsorted(ids, [r0, r1])
+                wanted = ids[lo:hi] - r0
+                pos = 0
+                while pos < len(wanted):
+                    take = min(len(wanted) - pos, shard_rows - filled)
+                    sel = wanted[pos : pos + take]
+                    if take and sel[-1] - sel[0] == take - 1:  # a run: one slice copy
+                        shard[filled : filled + take] = rows[sel[0] : sel[0] + take]
+                    else:
+                        shard[filled : filled + take] = rows[sel]
+                    filled += take
+                    pos += take
+                    if filled == shard_rows or written + filled == n:
+                        block = shard[:filled]
+                        pending.append(
+                            (written, pool.submit(_write_shard, ios, sizes, written, block))
+                        )
+                        written += filled
+                        filled = 0
+                        shard = np.empty((shard_rows, h, w, c), np.uint8)
+                        collect(STIMULI_SHARDS_IN_FLIGHT)
+            del buf, rows, shard
+            collect(0)
+            t_write = time.perf_counter()
+            verify_images(tmp, sums, ids, codec_pool, target)
+            verify_s = time.perf_counter() - t_write
+            group.create_array(
+                "nsd_id", data=ids, compressors=None, dimension_names=("image",), chunks=(n,)
+            )
+            group.create_array(
+                "checksums",
+                data=sums["images"],
+                compressors=None,
+                dimension_names=("image",),
+                chunks=(n,),
+            )
+            group.attrs.update(
+                {
+                    "nsdzarr_version": __version__,
+                    "source": source_attrs(source),
+                    "source_dataset": DATASET,
+                    "source_shape": [n_rows, h, w, c],
+                    "n_images": n,
+                    "subset": "all" if nsd_ids is None else "ids",
+                    "layout": LAYOUT,
+                    "resize": {
+                        "library": f"Pillow {PIL.__version__}",
+                        "filter": RESIZE_FILTER,
+                        "sizes": sizes,
+                    },
+                    "checksum": CHECKSUM,
+                    "storage": asdict(settings),
+                }
+            )
+    size, files = store_stats(target)
+    report = {
+        "source": str(source),
+        "target": str(target),
+        "n_images": n,
+        "source_shape": [n_rows, h, w, c],
+        "sizes": sizes,
+        "raw_bytes": n * row_bytes,
+        "bytes": size,
+        "files": files,
+        "reads": len(reads),
+        "read_seconds": round(read_s, 3),
+        "verify_seconds": round(verify_s, 3),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "predicted_peak_bytes": stimuli_peak(
+            (n_rows, h, w, c), n, settings.images_per_shard, sizes, budget, chunk_rows
+        ),
+        # the process's lifetime peak (Linux reports KiB): an upper bound of this call's
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    log.info("wrote %s", report)
+    return report
