@@ -93,6 +93,9 @@ def test_items_and_batches_carry_their_image(stores: list[Path], images: Path, b
     assert torch.equal(slow["image"], fast["image"]) and torch.equal(slow["betas"], fast["betas"])
     check_batch(ds[:], brick)
     assert "image" not in plain[0]
+    threads = BetasDataset(stores[0], split="all", images=images, decode_threads=2)
+    assert torch.equal(threads[idx]["image"], fast["image"])
+    threads.close()
 
 
 def test_resized_images(stores: list[Path], images: Path, brick: np.ndarray):

@@ -128,6 +128,25 @@ def test_image_reader_equals_zarr_python_and_the_brick(image_store: Path, brick:
     reader.close()
 
 
+def test_image_reader_falls_back_to_zarr_python(brick: np.ndarray, tmp_path: Path):
+    """A codec the fast path does not decode (gzip, not written by the pipeline)."""
+    from zarr.codecs import GzipCodec
+
+    ids = np.arange(3, 300, 3)
+    group = zarr.open_group(tmp_path / "gz.zarr", mode="w", zarr_format=3)
+    group.create_array("nsd_id", data=ids)
+    group.create_array(
+        "images",
+        data=brick[ids],
+        chunks=(1, H, W, 3),
+        shards=(50, H, W, 3),
+        compressors=GzipCodec(),
+    )
+    reader = ImageReader(tmp_path / "gz.zarr")
+    assert reader.info.layout is None
+    np.testing.assert_array_equal(reader.read([9, 3, 9, 297]), brick[[9, 3, 9, 297]])
+
+
 def test_image_reader_errors_are_one_line(image_store: Path):
     reader = ImageReader(image_store)
     absent = int(np.setdiff1d(np.arange(100), reader.nsd_id)[0])
