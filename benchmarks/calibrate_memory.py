@@ -30,7 +30,6 @@ sys.path.insert(0, str(SRC))
 from nsdzarr import memory  # noqa: E402
 from nsdzarr.demo import make_design, write_synthetic_session  # noqa: E402
 from nsdzarr.layout import design_path  # noqa: E402
-from nsdzarr.resources import estimate_peak_bytes  # noqa: E402
 from nsdzarr.trials import write_trial_tables  # noqa: E402
 
 MB = memory.MB
@@ -89,14 +88,14 @@ def main() -> None:
                     f"from nsdzarr.storage import StorageSettings\n"
                     f"write_session_estimate({str(src)!r}, {str(tmp / (name + '.json'))!r}, "
                     f"StorageSettings(), rois={{'r': ({str(mask_path)!r}, None)}})",
-                    estimate_peak_bytes(shape, 2),
+                    memory.estimate_peak(shape, 2),
                 ),
                 "roi_session": (
                     f"from nsdzarr.roi import extract_session\n"
                     f"from nsdzarr.storage import StorageSettings\n"
                     f"extract_session({str(src)!r}, {str(mask_path)!r}, None, {str(trials)!r}, 1, "
                     f"{str(tmp / (name + '_roi.zarr'))!r}, StorageSettings())",
-                    memory.roi_session_peak(shape, 2, n_vox),
+                    memory.roi_session_peak(shape, 2, n_vox, 50),
                 ),
             }
             if name == "real":

@@ -226,7 +226,7 @@ def subject_roi_masks(wildcards):
 
 
 def heavy_outputs():
-    """Outputs of the rules that carry `benchmark:` files (conversion and ROI extraction)."""
+    """Outputs of conversion and ROI extraction (their rules and `estimate` carry `benchmark:`)."""
     return session_outputs("results/{subject}/betas/session{session}.zarr") + expand(
         "results/{subject}/roi/{roi}.zarr", subject=SUBJECTS, roi=list(config["rois"])
     )

@@ -16,16 +16,18 @@ from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.layout import require_session_trials
 from nsdzarr.memory import (
     MB,
+    SAMPLE_PLANES,
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
+    estimate_peak,
     in_memory_peak,
     plan_conversion,
     request_mb,
     roi_session_peak,
 )
 from nsdzarr.nifti import load_nifti
-from nsdzarr.resources import SAMPLE_PLANES
-from nsdzarr.storage import StorageSettings, numcodecs_compressor, trial_blocks
+from nsdzarr.roi import roi_settings
+from nsdzarr.storage import ROI_STORAGE, StorageSettings, numcodecs_compressor, trial_blocks
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
@@ -73,8 +75,10 @@ def estimate_from_metadata(
     ceiling_mb: int | None = None,
     factor: float = 1.0,
     roi_voxels: dict[str, int] | None = None,
+    roi_storage: StorageSettings = ROI_STORAGE,
 ) -> dict[str, Any]:
-    """Every figure of a session's estimate, from metadata, a compression ratio, ROI sizes."""
+    """Every figure of a session's estimate, from metadata, a compression ratio, ROI sizes
+    (ROI part stores laid out as ``roi_storage``, the ``roi_storage`` config section)."""
     shape = tuple(meta["shape"])
     itemsize = np.dtype(meta["dtype"]).itemsize
     raw = math.prod(shape) * itemsize
@@ -87,7 +91,13 @@ def estimate_from_metadata(
             "this session needs even in bounded-memory slabs",
         )
     runtime = max(MIN_RUNTIME_MIN, math.ceil(3 * raw / CONVERT_BYTES_PER_S / 60))
+    estimate_bytes = estimate_peak(shape, itemsize)
     jobs: dict[str, dict[str, Any]] = {
+        # the estimate job's own request (resources.estimate_job_mem_mb), for the summary
+        "estimate": {
+            "peak_bytes": estimate_bytes,
+            "mem_mb": min(request_mb(estimate_bytes, factor), ceiling_mb or math.inf),
+        },
         "convert": {
             "strategy": plan.strategy,
             "planes_per_slab": plan.planes_per_slab,
@@ -95,10 +105,11 @@ def estimate_from_metadata(
             "peak_bytes": plan.peak_bytes,
             "mem_mb": request_mb(plan.peak_bytes, factor),
             "runtime_min": runtime,
-        }
+        },
     }
+    roi_shard = roi_settings(roi_storage).trials_per_shard
     for name, n_vox in (roi_voxels or {}).items():
-        peak = roi_session_peak(shape, itemsize, n_vox)
+        peak = roi_session_peak(shape, itemsize, n_vox, roi_shard)
         jobs[f"roi_session/{name}"] = {
             "voxels": n_vox,
             "peak_bytes": peak,
@@ -128,13 +139,16 @@ def write_session_estimate(
     ceiling_mb: int | None = None,
     factor: float = 1.0,
     rois: dict[str, tuple[str, list[int] | None]] | None = None,
+    roi_storage: StorageSettings = ROI_STORAGE,
 ) -> dict[str, Any]:
     """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically."""
     meta = session_metadata(source)
     require_session_trials(source, meta["shape"][0])
     ratio = sample_compression_ratio(source, settings)
     roi_voxels = {name: count_roi_voxels(*spec) for name, spec in (rois or {}).items()}
-    estimate = estimate_from_metadata(meta, settings, ratio, ceiling_mb, factor, roi_voxels)
+    estimate = estimate_from_metadata(
+        meta, settings, ratio, ceiling_mb, factor, roi_voxels, roi_storage
+    )
     with atomic_output(target) as tmp:
         Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")
     return estimate

@@ -13,14 +13,17 @@ MB = 1024**2
 # Interpreter, libraries, zarr's event loop and threads: the smallest baseline under which
 # benchmarks/calibrate_memory.py finds no job under-predicted (111 MB), plus a margin.
 BASELINE_BYTES = 120 * MB
-# Snakemake's own processes inside a SLURM allocation: the batch step and the job step that
-# runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch ~155 MB + job step
-# ~140 MB beside the script; sums of RSS count shared pages twice, so this is on the safe side.
+# Snakemake's own processes inside a SLURM allocation, beside the job's script: the batch step
+# and the job step that runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch
+# ~155 MB + job step ~140 MB = ~295 MB, rounded up; sums of RSS count shared pages twice, so
+# this is on the safe side.
 SNAKEMAKE_JOB_BYTES = 300 * MB
 # Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask) and their parsing.
 INDEX_BYTES_PER_CHUNK = 40
-# The reader's block buffer and transpose scratch (hdf5_read.DEFAULT_BUFFER_BYTES).
+# The HDF5 reader's block buffer and transpose scratch (hdf5_read.SessionReader's default).
 READ_BUFFER_BYTES = 64 * MB
+# Planes the estimate job samples for its compression ratio (read one at a time).
+SAMPLE_PLANES = 4
 # Encoding one shard holds its raw block, the encoded inner chunks and the assembled shard.
 SHARD_WORK_FACTOR = 2.5
 # Rows converted to float64 at once for the ROI statistics.
@@ -86,10 +89,26 @@ def budget_bytes(mem_mb: int | None) -> int | None:
     return None if not mem_mb else mem_mb * MB - SNAKEMAKE_JOB_BYTES
 
 
+def estimate_peak(shape: tuple[int, ...], itemsize: int) -> int:
+    """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
+    plane = shape[0] * math.prod(shape[2:]) * itemsize
+    return (
+        BASELINE_BYTES
+        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
+        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
+        + (SAMPLE_PLANES + 1) * plane
+    )
+
+
 def roi_session_peak(
-    shape: tuple[int, ...], itemsize: int, n_roi_voxels: int, uses_chunk_index: bool = True
+    shape: tuple[int, ...],
+    itemsize: int,
+    n_roi_voxels: int,
+    trials_per_shard: int,
+    uses_chunk_index: bool = True,
 ) -> int:
-    """Peak RSS of extracting one session's ROI voxels and their statistics."""
+    """Peak RSS of extracting one session's ROI voxels and their statistics into a part store
+    of ``trials_per_shard``-trial shards (``roi_storage.trials_per_shard``)."""
     n_trials = shape[0]
     voxels = math.prod(shape[1:])
     rows = n_trials * n_roi_voxels * itemsize
@@ -100,5 +119,5 @@ def roi_session_peak(
         + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
         + 3 * rows  # rows as read in file order, in column order, and read back to verify
         + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics
-        + int(SHARD_WORK_FACTOR * min(50, n_trials) * n_roi_voxels * itemsize)
+        + int(SHARD_WORK_FACTOR * min(trials_per_shard, n_trials) * n_roi_voxels * itemsize)
     )

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from nsdzarr.memory import BASELINE_BYTES, INDEX_BYTES_PER_CHUNK, READ_BUFFER_BYTES, request_mb
-
-# Planes the estimate job samples for its compression ratio (read one at a time).
-SAMPLE_PLANES = 4
+from nsdzarr.memory import BASELINE_BYTES, estimate_peak, request_mb
 
 
 def job_mem_mb(
@@ -29,17 +25,6 @@ def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: in
     return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
 
 
-def estimate_peak_bytes(shape: tuple[int, ...], itemsize: int) -> int:
-    """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
-    plane = shape[0] * math.prod(shape[2:]) * itemsize
-    return (
-        BASELINE_BYTES
-        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
-        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
-        + (SAMPLE_PLANES + 1) * plane
-    )
-
-
 def estimate_job_mem_mb(
     source: str | os.PathLike[str],
     factor: float = 1.0,
@@ -53,7 +38,7 @@ def estimate_job_mem_mb(
     try:
         with h5py.File(source, "r") as f:
             dset = f["betas"]
-            peak = estimate_peak_bytes(dset.shape, dset.dtype.itemsize)
+            peak = estimate_peak(dset.shape, dset.dtype.itemsize)
     except Exception:  # the job itself reports a bad file with a one-line error
         peak = BASELINE_BYTES
     mem = request_mb(peak, factor) * attempt
