@@ -17,7 +17,12 @@ from nsdzarr import layout
 from nsdzarr.errors import InputError
 from nsdzarr.provenance import require_demo_target, require_same_release
 from nsdzarr.layout import DemoSpec, demo_files
-from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
+from nsdzarr.resources import (
+    estimate_job_mem_mb,
+    estimate_job_runtime_min,
+    job_mem_mb,
+    job_runtime_min,
+)
 
 # Errors about the settings name the config file(s) they came from, on one line.
 CONFIG_FILES = ", ".join(str(f) for f in workflow.configfiles) or "config"
@@ -166,6 +171,11 @@ def estimate_mem_mb(wildcards, input, attempt):
     )
 
 
+def estimate_runtime(wildcards, attempt):
+    """Minutes of the estimate job itself x `runtime.factor` x attempt."""
+    return estimate_job_runtime_min(config["runtime"]["factor"], attempt)
+
+
 def job_mem(job):
     """`mem_mb` callable of a heavy rule: its session estimate x attempt, capped by the ceiling.
 
@@ -180,10 +190,12 @@ def job_mem(job):
 
 
 def job_runtime(job):
-    """`runtime` callable (minutes) of a heavy rule, from its session estimate x attempt."""
+    """`runtime` callable (minutes) of a heavy rule: its session estimate x `runtime.factor`
+    x attempt."""
 
     def runtime(wildcards, input, attempt):
-        return job_runtime_min(input.estimate, job.format(**wildcards), attempt)
+        key = job.format(**wildcards)
+        return job_runtime_min(input.estimate, key, attempt, config["runtime"]["factor"])
 
     return runtime
 

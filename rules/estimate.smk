@@ -12,6 +12,7 @@ rule estimate:
         "../envs/nsdzarr.yaml"
     resources:
         mem_mb=estimate_mem_mb,
+        runtime=estimate_runtime,
     params:
         storage=config["storage"],
         # the ROI jobs' part stores are shaped by it, so their memory too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from nsdzarr.memory import (
     plan_conversion,
 )
 from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
-from nsdzarr.resources import estimate_job_mem_mb
+from nsdzarr.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
+from nsdzarr.runtime import session_job_minutes
 from nsdzarr.storage import StorageSettings
 from nsdzarr.summary import write_summary
 
@@ -142,3 +144,24 @@ def test_one_read_buffer_for_the_reader_and_the_model(demo_root: Path):
     source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
     with SessionReader(source) as reader:
         assert reader.buffer_bytes == READ_BUFFER_BYTES
+
+
+def test_runtime_requests_follow_the_estimate_the_factor_and_the_attempt(
+    demo_root: Path, tmp_path: Path
+):
+    spec = DemoSpec()
+    source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
+    out = tmp_path / "session01.json"
+    est = write_session_estimate(source, out, StorageSettings())
+    minutes = est["jobs"]["convert"]["runtime_min"]
+    assert minutes == session_job_minutes(est["raw_bytes"]) >= 1
+    assert job_runtime_min(out, "convert") == minutes
+    assert job_runtime_min(out, "convert", attempt=2, factor=3.0) == 2 * math.ceil(3 * minutes)
+    # SLURM counts whole minutes: a tiny factor still asks one, and a retry asks one more
+    assert job_runtime_min(out, "convert", attempt=1, factor=1e-6) == 1
+    assert job_runtime_min(out, "convert", attempt=2, factor=1e-6) == 2
+    assert (
+        estimate_job_runtime_min(2.0, attempt=2) == 2 * est["jobs"]["estimate"]["runtime_min"] * 2
+    )
+    one_mm = release_estimates("func1mm", ceiling_mb=4000)[0]["jobs"]["convert"]["runtime_min"]
+    assert one_mm > minutes  # a 6 GB session asks for more time than the demo's 11 MB

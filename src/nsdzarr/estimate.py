@@ -15,7 +15,6 @@ from nsdzarr.errors import InputError
 from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.layout import require_session_trials
 from nsdzarr.memory import (
-    MB,
     SAMPLE_PLANES,
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
@@ -27,14 +26,12 @@ from nsdzarr.memory import (
 )
 from nsdzarr.nifti import load_nifti
 from nsdzarr.roi import roi_settings
+from nsdzarr.runtime import MIN_RUNTIME_MIN, session_job_minutes
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, numcodecs_compressor, trial_blocks
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
 STORE_EXTRA_FILES = 4
-# Conservative conversion throughput of source bytes (read + encode + verify) for runtime requests.
-CONVERT_BYTES_PER_S = 40 * MB
-MIN_RUNTIME_MIN = 5
 
 
 def sample_compression_ratio(path: str | os.PathLike[str], settings: StorageSettings) -> float:
@@ -90,13 +87,14 @@ def estimate_from_metadata(
             f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(plan.peak_bytes)} MB "
             "this session needs even in bounded-memory slabs",
         )
-    runtime = max(MIN_RUNTIME_MIN, math.ceil(3 * raw / CONVERT_BYTES_PER_S / 60))
+    runtime = session_job_minutes(raw)
     estimate_bytes = estimate_peak(shape, itemsize)
     jobs: dict[str, dict[str, Any]] = {
         # the estimate job's own request (resources.estimate_job_mem_mb), for the summary
         "estimate": {
             "peak_bytes": estimate_bytes,
             "mem_mb": min(request_mb(estimate_bytes, factor), ceiling_mb or math.inf),
+            "runtime_min": MIN_RUNTIME_MIN,
         },
         "convert": {
             "strategy": plan.strategy,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from nsdzarr.memory import BASELINE_BYTES, estimate_peak, request_mb
+from nsdzarr.runtime import MIN_RUNTIME_MIN, request_min
 
 
 def job_mem_mb(
@@ -20,9 +21,18 @@ def job_mem_mb(
     return min(mem, ceiling_mb) if ceiling_mb else mem
 
 
-def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: int = 1) -> int:
-    """``runtime`` in minutes to request for ``job`` on try ``attempt``."""
-    return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
+def job_runtime_min(
+    estimate_json: str | os.PathLike[str], job: str, attempt: int = 1, factor: float = 1.0
+) -> int:
+    """``runtime`` in minutes to request for ``job`` on try ``attempt``: the estimate x the
+    ``runtime.factor`` (applied here, so changing it reruns nothing) x ``attempt``."""
+    minutes = json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"]
+    return request_min(minutes, factor, attempt)
+
+
+def estimate_job_runtime_min(factor: float = 1.0, attempt: int = 1) -> int:
+    """``runtime`` in minutes of the estimate job itself on try ``attempt``."""
+    return request_min(MIN_RUNTIME_MIN, factor, attempt)
 
 
 def estimate_job_mem_mb(
