@@ -1,5 +1,6 @@
 # Config validation, path helpers and resource functions. Functions only: rules live elsewhere.
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -92,9 +93,17 @@ def demo_spec():
     )
 
 
+def converted_sessions(subject):
+    """Session numbers whose store is in results/ (their HDF5 may since have been deleted)."""
+    names = (p.name for p in Path(f"results/{subject}/betas").glob("session*.zarr"))
+    return sorted(int(m[1]) for n in names if (m := re.fullmatch(r"session(\d{2})\.zarr", n)))
+
+
 @functools.cache
 def sessions_of(subject):
-    """Session numbers configured for a subject (`all` = files present, or the demo's)."""
+    """Session numbers configured for a subject (`all` = files present, or the demo's; a
+    converted session whose HDF5 was deleted still counts)."""
+    stored = [] if config["demo"] else converted_sessions(subject)
     if config["sessions"] != "all":
         sessions = sorted(config["sessions"])
         if not config["demo"]:
@@ -102,7 +111,7 @@ def sessions_of(subject):
                 path = layout.betas_path(
                     NSD_ROOT, subject, config["space"], config["beta_version"], s
                 )
-                if not path.is_file():
+                if not path.is_file() and s not in stored:
                     raise WorkflowError(
                         f"{path}: betas file not found (session {s} is listed in config sessions)"
                     )
@@ -110,11 +119,14 @@ def sessions_of(subject):
     if config["demo"]:
         return list(range(1, demo_spec().sessions + 1))
     try:
-        return layout.sessions_present(
+        present = layout.sessions_present(
             NSD_ROOT, subject, config["space"], config["beta_version"]
         )
     except InputError as err:
-        raise WorkflowError(str(err)) from None
+        if not stored:
+            raise WorkflowError(str(err)) from None
+        present = []
+    return sorted(set(present) | set(stored))
 
 
 def betas_hdf5(wildcards):
@@ -126,6 +138,30 @@ def betas_hdf5(wildcards):
         config["beta_version"],
         int(wildcards.session),
     )
+
+
+def session_store(wildcards):
+    """The converted store of one session."""
+    return f"results/{wildcards.subject}/betas/session{wildcards.session}.zarr"
+
+
+def has_hdf5(wildcards):
+    """Whether the session's HDF5 is there (or, in the demo, will be generated)."""
+    return config["demo"] or betas_hdf5(wildcards).exists()
+
+
+def betas_source(wildcards):
+    """Where a session's betas are read from: the HDF5, or its converted store once the HDF5
+    has been deleted (ROIs added later are extracted from the store)."""
+    return str(betas_hdf5(wildcards)) if has_hdf5(wildcards) else session_store(wildcards)
+
+
+def convert_estimate(wildcards):
+    """The estimate sizing a conversion; none without the HDF5 (the job cannot run then, and
+    the estimate, made from the store, must not depend on the store's own job)."""
+    estimate = f"results/{wildcards.subject}/estimates/session{wildcards.session}.json"
+    # ancient: it sizes the job only, so a newer estimate (a new ROI) reruns nothing
+    return ancient(estimate) if has_hdf5(wildcards) else []
 
 
 def design_mat(wildcards=None):

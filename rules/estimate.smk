@@ -1,6 +1,6 @@
 rule estimate:
     input:
-        betas=betas_hdf5,
+        betas=betas_source,
         masks=subject_roi_masks,
     output:
         "results/{subject}/estimates/session{session}.json",

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.atomic import atomic_output
+from nsdzarr.convert import store_stats
 from nsdzarr.errors import InputError
 from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.layout import require_session_trials
@@ -25,9 +26,10 @@ from nsdzarr.memory import (
     roi_session_peak,
 )
 from nsdzarr.nifti import load_nifti
-from nsdzarr.roi import roi_settings
+from nsdzarr.roi import is_session_store, roi_settings
 from nsdzarr.runtime import MIN_RUNTIME_MIN, session_job_minutes
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, numcodecs_compressor, trial_blocks
+from nsdzarr.zarr_v3 import parse_layout
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
@@ -63,6 +65,26 @@ def session_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             "filters": [str(f) for f in (dset.compression, dset.shuffle and "shuffle") if f],
             "file_bytes": Path(path).stat().st_size,
         }
+
+
+def store_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a converted session store's ``betas`` metadata says, in :func:`session_metadata`'s
+    terms (``file_bytes``: the whole store), for estimates once the HDF5 is deleted."""
+    meta, _layout = parse_layout(Path(path) / "betas")
+    shards = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    outer = meta["codecs"][0]
+    sharded = outer["name"] == "sharding_indexed"
+    chunks = outer["configuration"]["chunk_shape"] if sharded else shards
+    return {
+        "path": str(Path(path)),
+        "format": "zarr",
+        "shape": list(meta["shape"]),
+        "dtype": np.dtype(str(meta["data_type"])).newbyteorder("<").str,
+        "chunks": list(chunks),
+        "shards": list(shards),
+        "filters": [c["name"] for c in (outer["configuration"]["codecs"] if sharded else [])],
+        "file_bytes": store_stats(path)[0],
+    }
 
 
 def estimate_from_metadata(
@@ -106,8 +128,11 @@ def estimate_from_metadata(
         },
     }
     roi_shard = roi_settings(roi_storage).trials_per_shard
+    store_shard = meta["shards"][0] if meta.get("format") == "zarr" else None
     for name, n_vox in (roi_voxels or {}).items():
-        peak = roi_session_peak(shape, itemsize, n_vox, roi_shard)
+        peak = roi_session_peak(
+            shape, itemsize, n_vox, roi_shard, store_trials_per_shard=store_shard
+        )
         jobs[f"roi_session/{name}"] = {
             "voxels": n_vox,
             "peak_bytes": peak,
@@ -139,10 +164,19 @@ def write_session_estimate(
     rois: dict[str, tuple[str, list[int] | None]] | None = None,
     roi_storage: StorageSettings = ROI_STORAGE,
 ) -> dict[str, Any]:
-    """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically."""
-    meta = session_metadata(source)
+    """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically.
+
+    ``source`` is the session's HDF5 or, once that is deleted, its converted store (whose
+    compression ratio is then measured, not sampled).
+    """
+    if is_session_store(source):
+        meta = store_metadata(source)
+        ratio = math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize / meta["file_bytes"]
+    else:
+        meta = session_metadata(source)
     require_session_trials(source, meta["shape"][0])
-    ratio = sample_compression_ratio(source, settings)
+    if not is_session_store(source):
+        ratio = sample_compression_ratio(source, settings)
     roi_voxels = {name: count_roi_voxels(*spec) for name, spec in (rois or {}).items()}
     estimate = estimate_from_metadata(
         meta, settings, ratio, ceiling_mb, factor, roi_voxels, roi_storage

@@ -106,16 +106,27 @@ def roi_session_peak(
     n_roi_voxels: int,
     trials_per_shard: int,
     uses_chunk_index: bool = True,
+    store_trials_per_shard: int | None = None,
 ) -> int:
     """Peak RSS of extracting one session's ROI voxels and their statistics into a part store
-    of ``trials_per_shard``-trial shards (``roi_storage.trials_per_shard``)."""
+    of ``trials_per_shard``-trial shards (``roi_storage.trials_per_shard``).
+
+    From the HDF5, or with ``store_trials_per_shard`` (``storage.trials_per_shard``) from the
+    converted session store, one shard file's bytes and one decoded trial chunk at a time.
+    """
     n_trials = shape[0]
     voxels = math.prod(shape[1:])
     rows = n_trials * n_roi_voxels * itemsize
+    if store_trials_per_shard is not None:
+        # a shard's stored bytes (at most its raw size) and one decoded trial
+        reading = (min(store_trials_per_shard, n_trials) + 1) * voxels * itemsize
+    else:
+        reading = (voxels * (INDEX_BYTES_PER_CHUNK + 8) if uses_chunk_index else 0) + min(
+            READ_BUFFER_BYTES, rows
+        )  # index + lookup, read buffer
     return (
         BASELINE_BYTES
-        + (voxels * (INDEX_BYTES_PER_CHUNK + 8) if uses_chunk_index else 0)  # index + lookup
-        + min(READ_BUFFER_BYTES, rows)
+        + reading
         + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
         + 3 * rows  # rows as read in file order, in column order, and read back to verify
         + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics

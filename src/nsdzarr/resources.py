@@ -10,6 +10,16 @@ from nsdzarr.memory import BASELINE_BYTES, estimate_peak, request_mb
 from nsdzarr.runtime import MIN_RUNTIME_MIN, request_min
 
 
+def _job(estimate_json: str | os.PathLike[str], job: str) -> dict:
+    """The estimate of ``job``; for a job it does not list yet (an ROI added since it was
+    written, so it is being redone first, and Snakemake reads resources again before the job
+    runs) the session's largest request stands in while planning."""
+    jobs = json.loads(Path(estimate_json).read_text())["jobs"]
+    if job in jobs:
+        return jobs[job]
+    return {k: max(j[k] for j in jobs.values()) for k in ("mem_mb", "runtime_min")}
+
+
 def job_mem_mb(
     estimate_json: str | os.PathLike[str],
     job: str,
@@ -17,7 +27,7 @@ def job_mem_mb(
     ceiling_mb: int | None = None,
 ) -> int:
     """``mem_mb`` to request for ``job`` on try ``attempt``, capped by the ceiling."""
-    mem = json.loads(Path(estimate_json).read_text())["jobs"][job]["mem_mb"] * attempt
+    mem = _job(estimate_json, job)["mem_mb"] * attempt
     return min(mem, ceiling_mb) if ceiling_mb else mem
 
 
@@ -26,7 +36,7 @@ def job_runtime_min(
 ) -> int:
     """``runtime`` in minutes to request for ``job`` on try ``attempt``: the estimate x the
     ``runtime.factor`` (applied here, so changing it reruns nothing) x ``attempt``."""
-    minutes = json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"]
+    minutes = _job(estimate_json, job)["runtime_min"]
     return request_min(minutes, factor, attempt)
 
 
@@ -42,13 +52,17 @@ def estimate_job_mem_mb(
     ceiling_mb: int | None = None,
 ) -> int:
     """``mem_mb`` of the estimate job itself on try ``attempt``, from the source's HDF5 header
-    only, capped by the ceiling like every other job."""
+    (or session store's metadata) only, capped by the ceiling like every other job."""
     import h5py  # here, not at module level: the workflow imports this module to plan jobs
 
     try:
-        with h5py.File(source, "r") as f:
-            dset = f["betas"]
-            peak = estimate_peak(dset.shape, dset.dtype.itemsize)
+        if Path(source).is_dir():  # a session store, once its HDF5 is deleted
+            shape = json.loads((Path(source) / "betas" / "zarr.json").read_text())["shape"]
+            peak = estimate_peak(tuple(shape), 2)
+        else:
+            with h5py.File(source, "r") as f:
+                dset = f["betas"]
+                peak = estimate_peak(dset.shape, dset.dtype.itemsize)
     except Exception:  # the job itself reports a bad file with a one-line error
         peak = BASELINE_BYTES
     mem = request_mb(peak, factor) * attempt
