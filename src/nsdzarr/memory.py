@@ -26,6 +26,14 @@ READ_BUFFER_BYTES = 64 * MB
 SAMPLE_PLANES = 4
 # Encoding one shard holds its raw block, the encoded inner chunks and the assembled shard.
 SHARD_WORK_FACTOR = 2.5
+# Slabs (benchmarks/calibrate_memory.py, 1 mm and 1.8 mm sessions, 2026-12-01): building the
+# chunk index peaks at ~115 bytes a chunk (519 MB for 4.0M chunks) before it shrinks to the
+# kept arrays; zarr-python's scratch-store I/O (its thread pool's buffers and allocator arenas)
+# adds a constant; while shards are rewritten from the scratch store, each shard is held
+# decoded and encoded, beside about one slab's worth of freed-but-kept pages.
+INDEX_BUILD_BYTES_PER_CHUNK = 120
+SLAB_OVERHEAD_BYTES = 130 * MB
+SHARD_REWRITE_FACTOR = 1.5
 # Rows converted to float64 at once for the ROI statistics.
 STATS_ROWS = 64
 
@@ -59,23 +67,34 @@ def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int)
 def slab_peak(
     shape: tuple[int, ...], itemsize: int, trials_per_shard: int, planes_per_slab: int
 ) -> int:
-    """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time."""
+    """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time:
+    the largest of building the chunk index, reading slabs, and rewriting shards."""
+    voxels = math.prod(shape[1:])
     plane = shape[0] * math.prod(shape[2:]) * itemsize
-    # the slab, plus the same again while its chunks are encoded into the scratch store
-    return 2 * planes_per_slab * plane + _common_bytes(shape, itemsize, trials_per_shard)
+    slab = planes_per_slab * plane
+    shard = min(trials_per_shard, shape[0]) * voxels * itemsize
+    kept = BASELINE_BYTES + SLAB_OVERHEAD_BYTES + voxels * INDEX_BYTES_PER_CHUNK
+    building_index = BASELINE_BYTES + voxels * INDEX_BUILD_BYTES_PER_CHUNK
+    # each slab as read, and again while its chunks are encoded into the scratch store
+    reading = kept + min(READ_BUFFER_BYTES, slab) + 2 * slab
+    rewriting = kept + int(SHARD_REWRITE_FACTOR * shard) + slab
+    return max(building_index, reading, rewriting)
 
 
 def plan_conversion(
     shape: tuple[int, ...], itemsize: int, trials_per_shard: int, budget_bytes: int | None
 ) -> ConversionPlan:
-    """In memory when it fits the budget (or no budget), else the largest slabs that fit."""
+    """In memory when it fits the budget (or no budget), else the largest slabs that fit (one
+    plane at a time if none fits: the estimate then refuses the ceiling)."""
     whole = in_memory_peak(shape, itemsize, trials_per_shard)
     n_planes = shape[1]
     if budget_bytes is None or whole <= budget_bytes:
         return ConversionPlan("in-memory", n_planes, whole)
-    fixed = slab_peak(shape, itemsize, trials_per_shard, 0)
-    plane = shape[0] * math.prod(shape[2:]) * itemsize
-    planes = max(1, min(n_planes, int((budget_bytes - fixed) // (2 * plane))))
+    planes = 1
+    while planes < n_planes and slab_peak(shape, itemsize, trials_per_shard, planes + 1) <= (
+        budget_bytes
+    ):
+        planes += 1
     return ConversionPlan("slabs", planes, slab_peak(shape, itemsize, trials_per_shard, planes))
 
 
