@@ -92,16 +92,16 @@ def submitted_jobs(output: str) -> list[tuple[str, str, str]]:
 
 
 def estimated(workdir: Path, rule: str, wildcards: str) -> dict | None:
-    """The estimate of that job (mem_mb, runtime_min) from its session's estimate file."""
-    session = re.search(r"session=(\d+)", wildcards)
-    subject = re.search(r"subject=(subj\d+)", wildcards)
-    if rule not in ("estimate", "convert", "roi_session") or not session or not subject:
+    """The estimate of that job (mem_mb, runtime_min) from its session's estimate file.
+
+    ``wildcards`` is the plugin's log folder name, the values joined by "_" in the order of
+    the output pattern: ``subj01_03``, or ``subj01_V1_03`` for roi_session.
+    """
+    if rule not in ("estimate", "convert", "roi_session"):
         return None
-    est = json.loads(
-        (workdir / f"results/{subject[1]}/estimates/session{session[1]}.json").read_text()
-    )
-    roi = re.search(r"roi=([\w-]+)", wildcards)
-    return est["jobs"][f"roi_session/{roi[1]}" if rule == "roi_session" else rule]
+    subject, *roi, session = wildcards.split("_")
+    est = json.loads((workdir / f"results/{subject}/estimates/session{session}.json").read_text())
+    return est["jobs"][f"roi_session/{'_'.join(roi)}" if rule == "roi_session" else rule]
 
 
 def run_on_slurm(workdir: Path, config: dict, *targets: str) -> str:
