@@ -1,23 +1,28 @@
 """Calibrate the memory model (src/nsdzarr/memory.py) against measured peak RSS.
 
-Usage: python benchmarks/calibrate_memory.py [--real PATH]
+Usage: python benchmarks/calibrate_memory.py [--real PATH] [--one-mm PATH] [--workdir DIR]
 
 Runs each job's library function in a fresh process on sessions of three sizes (the demo's,
 a medium one and a real-size NSD session), reads its peak RSS (ru_maxrss), and prints the
-model's prediction beside it. BASELINE_BYTES should be the smallest interpreter baseline
-under which no job is under-predicted (the largest residual of measured minus the model's data
-terms); the ratio column is what the model over-predicts by. Snakemake's own processes inside
-a SLURM job (SNAKEMAKE_JOB_BYTES) are measured by tests/test_slurm.py from sacct.
+model's prediction beside it. A real-size 1 mm session (6 GB, generated at ``--one-mm`` if
+absent) is converted in bounded-memory slabs under the budgets of three ``memory.ceiling_mb``
+values, as the convert job's script does (``memory.budget_bytes(mem_mb)``).
+BASELINE_BYTES should be the smallest interpreter baseline under which no job is
+under-predicted (the largest residual of measured minus the model's data terms); the ratio
+column is what the model over-predicts by. Snakemake's own processes inside a SLURM job
+(SNAKEMAKE_JOB_BYTES) are measured by tests/test_slurm.py from sacct.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -30,25 +35,32 @@ sys.path.insert(0, str(SRC))
 from nsdzarr import memory  # noqa: E402
 from nsdzarr.demo import make_design, write_synthetic_session  # noqa: E402
 from nsdzarr.layout import design_path  # noqa: E402
-from nsdzarr.resources import estimate_peak_bytes  # noqa: E402
 from nsdzarr.trials import write_trial_tables  # noqa: E402
 
 MB = memory.MB
 SIZES = {"demo": (16, 24, 20), "medium": (40, 52, 40), "real": (83, 104, 81)}
+ONE_MM_ZYX = (148, 186, 145)  # subj01 at 1 mm: 750 x 148 x 186 x 145 int16, 6.0 GB
+ONE_MM_CEILINGS_MB = (1000, 2000, 4000)
 ROI_FRACTION = 0.025  # nsdgeneral is ~15.7k of ~700k voxels
 
 
-def peak_of(code: str) -> int:
-    """Peak RSS in bytes of ``code`` run in a fresh interpreter with the library importable."""
-    prelude = f"import resource, sys\nsys.path.insert(0, {str(SRC)!r})\n"
-    tail = "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+def peak_of(code: str) -> tuple[int, float]:
+    """Peak RSS in bytes and wall seconds of ``code`` run in a fresh interpreter with the
+    library importable."""
+    prelude = f"import sys\nsys.path.insert(0, {str(SRC)!r})\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec
+    tail = (
+        "\nfrom pathlib import Path\n"
+        "print(int(Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]) * 1024)\n"
+    )
+    start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code) + tail],
         capture_output=True,
         text=True,
         check=True,
     )
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(out.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
 def main() -> None:
@@ -56,9 +68,14 @@ def main() -> None:
     parser.add_argument(
         "--real", type=Path, default=HERE / "data" / "nsd_session_750x83x104x81.hdf5"
     )
+    parser.add_argument(
+        "--one-mm", type=Path, default=HERE / "data" / "nsd_session_750x148x186x145.hdf5"
+    )
+    parser.add_argument("--workdir", type=Path, default=HERE / "data", help="for the stores")
     args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         design = design_path(tmp)
         design.parent.mkdir(parents=True)
@@ -89,14 +106,14 @@ def main() -> None:
                     f"from nsdzarr.storage import StorageSettings\n"
                     f"write_session_estimate({str(src)!r}, {str(tmp / (name + '.json'))!r}, "
                     f"StorageSettings(), rois={{'r': ({str(mask_path)!r}, None)}})",
-                    estimate_peak_bytes(shape, 2),
+                    memory.estimate_peak(shape, 2),
                 ),
                 "roi_session": (
                     f"from nsdzarr.roi import extract_session\n"
                     f"from nsdzarr.storage import StorageSettings\n"
                     f"extract_session({str(src)!r}, {str(mask_path)!r}, None, {str(trials)!r}, 1, "
                     f"{str(tmp / (name + '_roi.zarr'))!r}, StorageSettings())",
-                    memory.roi_session_peak(shape, 2, n_vox),
+                    memory.roi_session_peak(shape, 2, n_vox, 50),
                 ),
             }
             if name == "real":
@@ -109,21 +126,48 @@ def main() -> None:
                     plan.peak_bytes,
                 )
             for job, (code, predicted) in jobs.items():
-                measured = peak_of(code)
-                rows.append((name, job, measured, predicted))
-    residuals = [m - (p - memory.BASELINE_BYTES) for _n, _j, m, p in rows]
+                measured, wall = peak_of(code)
+                rows.append((name, job, measured, predicted, wall))
+        rows += one_mm_rows(args.one_mm, tmp)
+    residuals = [m - (p - memory.BASELINE_BYTES) for _n, _j, m, p, _w in rows]
     baseline = int(max(residuals))
-    print(f"{'size':8} {'job':24} {'measured MB':>11} {'model MB':>9} {'model/meas':>10}")
-    for name, job, measured, predicted in rows:
+    print(
+        f"{'size':8} {'job':26} {'measured MB':>11} {'model MB':>9} {'model/meas':>10} "
+        f"{'wall s':>7}"
+    )
+    for name, job, measured, predicted, wall in rows:
         print(
-            f"{name:8} {job:24} {measured / MB:11.0f} {predicted / MB:9.0f} "
-            f"{predicted / measured:10.2f}"
+            f"{name:8} {job:26} {measured / MB:11.0f} {predicted / MB:9.0f} "
+            f"{predicted / measured:10.2f} {wall:7.1f}"
         )
     print(
         f"\nBASELINE_BYTES in the model: {memory.BASELINE_BYTES / MB:.0f} MB; smallest that "
         f"covers every job: {baseline / MB:.0f} MB (median {np.median(residuals) / MB:.0f} MB)"
     )
     print(json.dumps({"fitted_baseline_mb": round(baseline / MB, 1)}))
+
+
+def one_mm_rows(src: Path, tmp: Path) -> list[tuple[str, str, int, int, float]]:
+    """The 1 mm session converted under each ceiling's budget, in slabs; each store removed."""
+    if not src.exists():
+        write_synthetic_session(src, ONE_MM_ZYX)
+    shape = (750, *ONE_MM_ZYX)
+    rows = []
+    for ceiling in ONE_MM_CEILINGS_MB:
+        budget = memory.budget_bytes(ceiling)
+        plan = memory.plan_conversion(shape, 2, 50, budget)
+        target = tmp / f"1mm_{ceiling}.zarr"
+        code = (
+            f"from nsdzarr.convert import convert_session\n"
+            f"convert_session({str(src)!r}, {str(target)!r}, "
+            f"memory_budget_bytes={budget}, threads=2)"
+        )
+        measured, wall = peak_of(code)
+        shutil.rmtree(target)
+        fits = memory.request_mb(plan.peak_bytes) <= ceiling
+        job = f"convert {ceiling} MB, {plan.planes_per_slab} pl" + ("" if fits else " (refused)")
+        rows.append(("1mm", job, measured, plan.peak_bytes, wall))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 # Config validation, path helpers and resource functions. Functions only: rules live elsewhere.
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from nsdzarr import layout
 from nsdzarr.errors import InputError
 from nsdzarr.provenance import require_demo_target, require_same_release
 from nsdzarr.layout import DemoSpec, demo_files
-from nsdzarr.resources import estimate_job_mem_mb, job_mem_mb, job_runtime_min
+from nsdzarr.resources import (
+    estimate_job_mem_mb,
+    estimate_job_runtime_min,
+    job_mem_mb,
+    job_runtime_min,
+)
 
 # Errors about the settings name the config file(s) they came from, on one line.
 CONFIG_FILES = ", ".join(str(f) for f in workflow.configfiles) or "config"
@@ -87,9 +93,19 @@ def demo_spec():
     )
 
 
+def converted_sessions(subject):
+    """Session numbers whose store is in results/ (their HDF5 may since have been deleted)."""
+    names = (p.name for p in Path(f"results/{subject}/betas").glob("session*.zarr"))
+    return sorted(
+        int(m[1]) for n in names if (m := re.fullmatch(r"session(\d{2})\.zarr", n))
+    )
+
+
 @functools.cache
 def sessions_of(subject):
-    """Session numbers configured for a subject (`all` = files present, or the demo's)."""
+    """Session numbers configured for a subject (`all` = files present, or the demo's; a
+    converted session whose HDF5 was deleted still counts)."""
+    stored = [] if config["demo"] else converted_sessions(subject)
     if config["sessions"] != "all":
         sessions = sorted(config["sessions"])
         if not config["demo"]:
@@ -97,7 +113,7 @@ def sessions_of(subject):
                 path = layout.betas_path(
                     NSD_ROOT, subject, config["space"], config["beta_version"], s
                 )
-                if not path.is_file():
+                if not path.is_file() and s not in stored:
                     raise WorkflowError(
                         f"{path}: betas file not found (session {s} is listed in config sessions)"
                     )
@@ -105,11 +121,14 @@ def sessions_of(subject):
     if config["demo"]:
         return list(range(1, demo_spec().sessions + 1))
     try:
-        return layout.sessions_present(
+        present = layout.sessions_present(
             NSD_ROOT, subject, config["space"], config["beta_version"]
         )
     except InputError as err:
-        raise WorkflowError(str(err)) from None
+        if not stored:
+            raise WorkflowError(str(err)) from None
+        present = []
+    return sorted(set(present) | set(stored))
 
 
 def betas_hdf5(wildcards):
@@ -121,6 +140,32 @@ def betas_hdf5(wildcards):
         config["beta_version"],
         int(wildcards.session),
     )
+
+
+def session_store(wildcards):
+    """The converted store of one session."""
+    return f"results/{wildcards.subject}/betas/session{wildcards.session}.zarr"
+
+
+def has_hdf5(wildcards):
+    """Whether the session's HDF5 is there (or, in the demo, will be generated)."""
+    return config["demo"] or betas_hdf5(wildcards).exists()
+
+
+def betas_source(wildcards):
+    """Where a session's betas are read from: the HDF5, or its converted store once the HDF5
+    has been deleted (ROIs added later are extracted from the store)."""
+    return (
+        str(betas_hdf5(wildcards)) if has_hdf5(wildcards) else session_store(wildcards)
+    )
+
+
+def convert_estimate(wildcards):
+    """The estimate sizing a conversion; none without the HDF5 (the job cannot run then, and
+    the estimate, made from the store, must not depend on the store's own job)."""
+    estimate = f"results/{wildcards.subject}/estimates/session{wildcards.session}.json"
+    # ancient: it sizes the job only, so a newer estimate (a new ROI) reruns nothing
+    return ancient(estimate) if has_hdf5(wildcards) else []
 
 
 def design_mat(wildcards=None):
@@ -197,6 +242,11 @@ def estimate_mem_mb(wildcards, input, attempt):
     )
 
 
+def estimate_runtime(wildcards, attempt):
+    """Minutes of the estimate job itself x `runtime.factor` x attempt."""
+    return estimate_job_runtime_min(config["runtime"]["factor"], attempt)
+
+
 def job_mem(job):
     """`mem_mb` callable of a heavy rule: its session estimate x attempt, capped by the ceiling.
 
@@ -211,10 +261,14 @@ def job_mem(job):
 
 
 def job_runtime(job):
-    """`runtime` callable (minutes) of a heavy rule, from its session estimate x attempt."""
+    """`runtime` callable (minutes) of a heavy rule: its session estimate x `runtime.factor`
+    x attempt."""
 
     def runtime(wildcards, input, attempt):
-        return job_runtime_min(input.estimate, job.format(**wildcards), attempt)
+        key = job.format(**wildcards)
+        return job_runtime_min(
+            input.estimate, key, attempt, config["runtime"]["factor"]
+        )
 
     return runtime
 
@@ -257,7 +311,7 @@ def subject_roi_masks(wildcards):
 
 
 def heavy_outputs():
-    """Outputs of the rules that carry `benchmark:` files (conversion, ROIs, stimuli)."""
+    """Outputs of the rules that carry `benchmark:` files (conversion, ROIs, stimuli; `estimate` has one too)."""
     return (
         session_outputs("results/{subject}/betas/session{session}.zarr")
         + expand(

@@ -1,7 +1,7 @@
 rule convert:
     input:
         betas=betas_hdf5,
-        estimate="results/{subject}/estimates/session{session}.json",
+        estimate=convert_estimate,
         affine_from=affine_source,
     output:
         directory("results/{subject}/betas/session{session}.zarr"),

@@ -1,9 +1,10 @@
 rule roi_session:
     input:
-        betas=betas_hdf5,
+        betas=betas_source,
         mask=roi_mask,
         trials="results/{subject}/trials.tsv",
-        estimate="results/{subject}/estimates/session{session}.json",
+        # sizes the job only: a newer estimate (e.g. for a new ROI) reruns nothing
+        estimate=ancient("results/{subject}/estimates/session{session}.json"),
     output:
         # removed once the subject's store links their shards (the data stays in the store)
         temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),

@@ -17,4 +17,5 @@ run_job(
     ceiling_mb=snakemake.params.ceiling_mb,
     factor=snakemake.params.factor,
     rois=snakemake.params.rois,
+    roi_storage=StorageSettings.from_config(snakemake.params.roi_storage),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,18 @@ from nsdzarr import layout
 from nsdzarr.demo import DemoSpec, write_betas_hdf5
 from nsdzarr.errors import InputError
 from nsdzarr.estimate import write_session_estimate
-from nsdzarr.memory import MB, SNAKEMAKE_JOB_BYTES, budget_bytes, plan_conversion
+from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.memory import (
+    MB,
+    READ_BUFFER_BYTES,
+    SHARD_WORK_FACTOR,
+    SNAKEMAKE_JOB_BYTES,
+    budget_bytes,
+    plan_conversion,
+)
 from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
-from nsdzarr.resources import estimate_job_mem_mb
+from nsdzarr.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
+from nsdzarr.runtime import session_job_minutes
 from nsdzarr.storage import StorageSettings
 from nsdzarr.summary import write_summary
 
@@ -91,11 +101,12 @@ def test_bad_source_is_one_line_and_no_json(tmp_path: Path):
 def test_summary_from_the_demo_run(demo_run: Path, tmp_path: Path):
     estimates = sorted((demo_run / "results/subj01/estimates").glob("*.json"))
     benches = sorted((demo_run / "results/benchmarks").glob("*/*/*.tsv"))
-    assert len(benches) == 3 + 2 * 3  # convert + two ROIs, three sessions
+    assert len(benches) == 3 * (1 + 1 + 2)  # estimate, convert and two ROIs, three sessions
     write_summary(estimates, benches, tmp_path / "e.tsv", tmp_path / "e.md", tmp_path / "m.png")
     text = (tmp_path / "e.md").read_text()
     assert "| subj01 | 3 |" in text and "| all | 3 |" in text
     assert text.count("subj01 convert session") == 3
+    assert text.count("subj01 estimate session") == 3  # the estimate job's own peak
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((tmp_path / "e.tsv").read_text().splitlines()) == 4
 
@@ -108,3 +119,49 @@ def test_estimate_job_requests_scale_with_attempts_under_the_ceiling(tmp_path: P
     assert estimate_job_mem_mb(source, attempt=3) == 3 * first
     assert estimate_job_mem_mb(source, attempt=3, ceiling_mb=first + 1) == first + 1
     assert estimate_job_mem_mb(source, factor=2.0) > first  # the safety factor applies
+
+
+def test_roi_shards_of_the_config_set_the_roi_jobs_memory(demo_root: Path, tmp_path: Path):
+    spec = DemoSpec()
+    source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
+    rois = {"g": (str(layout.roi_path(demo_root, "subj01", spec.space, "nsdgeneral.nii.gz")), None)}
+    peaks = {}
+    for shard in (10, 750):
+        roi_storage = StorageSettings(codec="blosc-lz4", level=5, trials_per_shard=shard)
+        est = write_session_estimate(
+            source, tmp_path / f"{shard}.json", StorageSettings(), rois=rois,
+            roi_storage=roi_storage,
+        )  # fmt: skip
+        peaks[shard] = est["jobs"]["roi_session/g"]["peak_bytes"]
+    # each shard's encoding work grows with its rows: 740 more trials of 1022 int16 voxels
+    assert peaks[750] - peaks[10] == int(SHARD_WORK_FACTOR * 750 * 1022 * 2) - int(
+        SHARD_WORK_FACTOR * 10 * 1022 * 2
+    )
+
+
+def test_one_read_buffer_for_the_reader_and_the_model(demo_root: Path):
+    spec = DemoSpec()
+    source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
+    with SessionReader(source) as reader:
+        assert reader.buffer_bytes == READ_BUFFER_BYTES
+
+
+def test_runtime_requests_follow_the_estimate_the_factor_and_the_attempt(
+    demo_root: Path, tmp_path: Path
+):
+    spec = DemoSpec()
+    source = layout.betas_path(demo_root, "subj01", spec.space, spec.beta_version, 1)
+    out = tmp_path / "session01.json"
+    est = write_session_estimate(source, out, StorageSettings())
+    minutes = est["jobs"]["convert"]["runtime_min"]
+    assert minutes == session_job_minutes(est["raw_bytes"]) >= 1
+    assert job_runtime_min(out, "convert") == minutes
+    assert job_runtime_min(out, "convert", attempt=2, factor=3.0) == 2 * math.ceil(3 * minutes)
+    # SLURM counts whole minutes: a tiny factor still asks one, and a retry asks one more
+    assert job_runtime_min(out, "convert", attempt=1, factor=1e-6) == 1
+    assert job_runtime_min(out, "convert", attempt=2, factor=1e-6) == 2
+    assert (
+        estimate_job_runtime_min(2.0, attempt=2) == 2 * est["jobs"]["estimate"]["runtime_min"] * 2
+    )
+    one_mm = release_estimates("func1mm", ceiling_mb=4000)[0]["jobs"]["convert"]["runtime_min"]
+    assert one_mm > minutes  # a 6 GB session asks for more time than the demo's 11 MB

@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from nsdzarr import layout
+from nsdzarr.convert import convert_session
 from nsdzarr.demo import DemoSpec
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.roi import extract_session, finish_store, load_roi_mask, to_nifti, verify_rows
@@ -143,3 +144,21 @@ def test_bad_masks_give_one_line_and_no_store(
     assert str(err.value).startswith(str(mask)) and problem in str(err.value)
     assert "\n" not in str(err.value)
     assert not target.exists() and not list(target.parent.glob(".*"))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc-lz4"])  # our shard writer, and zarr-python's
+def test_a_session_store_gives_the_same_part_as_its_hdf5(
+    demo_root: Path, trials_tsv: Path, tmp_path: Path, codec: str
+):
+    source = betas_file(demo_root, 2)
+    store = tmp_path / "session02.zarr"
+    convert_session(source, store, StorageSettings(codec=codec))
+    settings = StorageSettings(codec="blosc-lz4", level=5)
+    mask = roi_file(demo_root, "prf-visualrois.nii.gz")
+    extract_session(source, mask, [1, 2], trials_tsv, 2, tmp_path / "from_h5.zarr", settings)
+    extract_session(store, mask, [1, 2], trials_tsv, 2, tmp_path / "from_store.zarr", settings)
+    a = zarr.open_group(tmp_path / "from_h5.zarr", mode="r")
+    b = zarr.open_group(tmp_path / "from_store.zarr", mode="r")
+    for name in ("betas", "mean", "std", "voxels"):
+        np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
+    assert dict(a.attrs) == dict(b.attrs)

@@ -45,7 +45,7 @@ def slurm() -> None:
 
 def sacct(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
     """Accounting rows per job id (the job line and its steps), polled until all are final."""
-    fields = ["JobID", "State", "ReqMem", "MaxRSS"]
+    fields = ["JobID", "State", "ReqMem", "MaxRSS", "Elapsed", "Timelimit"]
     deadline = time.monotonic() + 60
     while True:
         out = subprocess.run(
@@ -75,23 +75,33 @@ def to_mb(value: str) -> float:
     return float(value[:-1]) * units[value[-1]] if value[-1] in units else float(value) / 2**20
 
 
+def to_s(value: str) -> float:
+    """sacct duration ('[D-]HH:MM:SS', 'MM:SS', 'UNLIMITED') in seconds."""
+    if value in ("", "UNLIMITED", "Partition_Limit"):
+        return float("inf")
+    days, _, clock = value.rpartition("-")
+    parts = [float(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    return (float(days or 0) * 24 + parts[0]) * 3600 + parts[1] * 60 + parts[2]
+
+
 def submitted_jobs(output: str) -> list[tuple[str, str, str]]:
     """(slurm job id, rule, wildcard string) of every submission in a Snakemake log."""
     return SUBMITTED.findall(output)
 
 
-def expected_mem(workdir: Path, rule: str, wildcards: str) -> int | None:
-    """The mem_mb the estimate of that job's session asks for (None for rules without one)."""
-    session = re.search(r"session=(\d+)", wildcards)
-    subject = re.search(r"subject=(subj\d+)", wildcards)
-    if rule not in ("convert", "roi_session") or not session or not subject:
+def estimated(workdir: Path, rule: str, wildcards: str) -> dict | None:
+    """The estimate of that job (mem_mb, runtime_min) from its session's estimate file.
+
+    ``wildcards`` is the plugin's log folder name, the values joined by "_" in the order of
+    the output pattern: ``subj01_03``, or ``subj01_V1_03`` for roi_session.
+    """
+    if rule not in ("estimate", "convert", "roi_session"):
         return None
-    est = json.loads(
-        (workdir / f"results/{subject[1]}/estimates/session{session[1]}.json").read_text()
-    )
-    roi = re.search(r"roi=([\w-]+)", wildcards)
-    job = "convert" if rule == "convert" else f"roi_session/{roi[1]}"
-    return est["jobs"][job]["mem_mb"]
+    subject, *roi, session = wildcards.split("_")
+    est = json.loads((workdir / f"results/{subject}/estimates/session{session}.json").read_text())
+    return est["jobs"][f"roi_session/{'_'.join(roi)}" if rule == "roi_session" else rule]
 
 
 def run_on_slurm(workdir: Path, config: dict, *targets: str) -> str:
@@ -120,9 +130,13 @@ def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
         job_row = rows[0]
         assert job_row["State"] == "COMPLETED", (rule, wildcards, rows)
         requested = to_mb(job_row["ReqMem"])
-        expected = expected_mem(tmp_path, rule, wildcards)
-        if expected is not None:
-            assert requested == expected, (rule, wildcards, requested, expected)
+        expected = estimated(tmp_path, rule, wildcards)
+        assert expected is not None, (rule, wildcards)  # every SLURM job has an estimate
+        # the estimate job's own request, computed from the header, is the one it records
+        assert requested == expected["mem_mb"], (rule, wildcards, requested, expected)
+        # the time limit is the estimate's (runtime.factor 1, first attempt), and was kept
+        assert to_s(job_row["Timelimit"]) == 60 * expected["runtime_min"], (rule, rows)
+        assert to_s(job_row["Elapsed"]) <= to_s(job_row["Timelimit"]), (rule, rows)
         steps_rss = [to_mb(r["MaxRSS"]) for r in rows[1:]]
         assert max(steps_rss) < requested, (rule, wildcards, rows)
         assert sum(steps_rss) < requested, (rule, wildcards, rows)

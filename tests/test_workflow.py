@@ -156,3 +156,64 @@ def test_loader_reads_the_workflow_roi_store_like_the_source(demo_run: Path):
     assert item["session"] == 2 and item["trial"] == 750 + 17
     expected = torch.from_numpy(volume.T[atlas >= 1].astype(np.float32))  # MindEye order
     assert torch.equal(item["betas"], expected)
+
+
+def test_roi_added_after_deleting_the_hdf5s_comes_from_the_session_stores(
+    tmp_path: Path, demo_root: Path
+):
+    from nsdzarr.roi import extract_session, finish_store
+    from nsdzarr.storage import StorageSettings
+
+    release = tmp_path / "NSD"
+    shutil.copytree(demo_root, release)
+    rois = default_config()["rois"]
+    config = {**default_config(), "nsd_root": str(release), "demo": False}
+    config["rois"] = {"nsdgeneral": rois["nsdgeneral"]}
+    work = tmp_path / "work"
+    run_snakemake(work, config=config)
+    before = {p: p.stat().st_mtime_ns for p in (work / "results").rglob("*") if p.is_file()}
+    kept = tmp_path / "kept"
+    betas = release / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR"
+    shutil.move(betas, kept)  # the user deletes every HDF5 and keeps the session stores
+    betas.mkdir()
+    config["rois"] = rois  # and adds V1
+    planned = _planned_jobs(run_snakemake(work, "-n", config=config).stdout)
+    # the estimates are redone from the stores (they now size V1's jobs); nothing converts
+    assert planned == {
+        "all": 1, "estimate": 3, "roi_session": 3, "roi_store": 1, "estimate_summary": 1
+    }, planned  # fmt: skip
+    run_snakemake(work, config=config)
+    after = {p: p.stat().st_mtime_ns for p in (work / "results").rglob("*") if p.is_file()}
+    changed = {
+        p.relative_to(work / "results").parts[:3] for p in before if after.get(p) != before[p]
+    }
+    assert {c for c in changed if c[1] in ("betas", "roi")} == set(), changed
+    # the V1 store equals one made from the HDF5s
+    v1 = rois["V1"]
+    mask = release / "nsddata/ppdata/subj01/func1pt8mm/roi" / v1["file"]
+    parts = []
+    for s in (1, 2, 3):
+        parts.append(tmp_path / f"ref/part{s}.zarr")
+        extract_session(
+            kept / f"betas_session{s:02d}.hdf5", mask, v1["labels"],
+            work / "results/subj01/trials.tsv", s, parts[-1], StorageSettings.from_config(
+                default_config()["roi_storage"]),
+        )  # fmt: skip
+    ref = tmp_path / "ref/V1.zarr"
+    finish_store(
+        parts, [1, 2, 3], mask, v1["labels"], ref,
+        StorageSettings.from_config(default_config()["roi_storage"]),
+    )  # fmt: skip
+    got, want = (
+        zarr.open_group(work / "results/subj01/roi/V1.zarr", mode="r"),
+        zarr.open_group(ref, mode="r"),
+    )
+    for name in ("betas", "voxels", "label", "mean", "std"):
+        np.testing.assert_array_equal(got[name][...], want[name][...], err_msg=name)
+    assert dict(got.attrs) == dict(want.attrs)
+    # and the session stores are still what the HDF5s held
+    with h5py.File(kept / "betas_session02.hdf5", "r") as f:
+        np.testing.assert_array_equal(
+            zarr.open_group(work / "results/subj01/betas/session02.zarr")["betas"][...],
+            f["betas"][...],
+        )

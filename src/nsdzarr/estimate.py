@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.atomic import atomic_output
+from nsdzarr.convert import store_stats
 from nsdzarr.errors import InputError
 from nsdzarr.hdf5_read import SessionReader, betas_dataset
 from nsdzarr.layout import require_session_trials
 from nsdzarr.memory import (
-    MB,
+    SAMPLE_PLANES,
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
+    estimate_peak,
     in_memory_peak,
     plan_conversion,
     request_mb,
@@ -27,24 +29,22 @@ from nsdzarr.memory import (
     stimuli_read_budget,
 )
 from nsdzarr.nifti import load_nifti
-from nsdzarr.resources import SAMPLE_PLANES
+from nsdzarr.roi import is_session_store, roi_settings
+from nsdzarr.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
 from nsdzarr.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
 from nsdzarr.storage import (
+    ROI_STORAGE,
     STIMULI_STORAGE,
     StimuliStorage,
     StorageSettings,
     numcodecs_compressor,
     trial_blocks,
 )
+from nsdzarr.zarr_v3 import parse_layout
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
 STORE_EXTRA_FILES = 4
-# Conservative conversion throughput of source bytes (read + encode + verify) for runtime requests.
-CONVERT_BYTES_PER_S = 40 * MB
-MIN_RUNTIME_MIN = 5
-# Pillow LANCZOS resize: ~24 ns of CPU per source pixel here (425 x 425 -> 224: 4.4 ms), x3.
-RESIZE_S_PER_PIXEL = 75e-9
 # zarr.json sizes in a stimulus store: the group's (with attributes) or an image array's, and
 # a 1-D array's (nsd_id, checksums), rounded up.
 STIMULI_METADATA_BYTES = 1100
@@ -84,6 +84,26 @@ def session_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         }
 
 
+def store_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a converted session store's ``betas`` metadata says, in :func:`session_metadata`'s
+    terms (``file_bytes``: the whole store), for estimates once the HDF5 is deleted."""
+    meta, _layout = parse_layout(Path(path) / "betas")
+    shards = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    outer = meta["codecs"][0]
+    sharded = outer["name"] == "sharding_indexed"
+    chunks = outer["configuration"]["chunk_shape"] if sharded else shards
+    return {
+        "path": str(Path(path)),
+        "format": "zarr",
+        "shape": list(meta["shape"]),
+        "dtype": np.dtype(str(meta["data_type"])).newbyteorder("<").str,
+        "chunks": list(chunks),
+        "shards": list(shards),
+        "filters": [c["name"] for c in (outer["configuration"]["codecs"] if sharded else [])],
+        "file_bytes": store_stats(path)[0],
+    }
+
+
 def estimate_from_metadata(
     meta: dict[str, Any],
     settings: StorageSettings,
@@ -91,8 +111,10 @@ def estimate_from_metadata(
     ceiling_mb: int | None = None,
     factor: float = 1.0,
     roi_voxels: dict[str, int] | None = None,
+    roi_storage: StorageSettings = ROI_STORAGE,
 ) -> dict[str, Any]:
-    """Every figure of a session's estimate, from metadata, a compression ratio, ROI sizes."""
+    """Every figure of a session's estimate, from metadata, a compression ratio, ROI sizes
+    (ROI part stores laid out as ``roi_storage``, the ``roi_storage`` config section)."""
     shape = tuple(meta["shape"])
     itemsize = np.dtype(meta["dtype"]).itemsize
     raw = math.prod(shape) * itemsize
@@ -104,8 +126,15 @@ def estimate_from_metadata(
             f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(plan.peak_bytes)} MB "
             "this session needs even in bounded-memory slabs",
         )
-    runtime = max(MIN_RUNTIME_MIN, math.ceil(3 * raw / CONVERT_BYTES_PER_S / 60))
+    runtime = session_job_minutes(raw)
+    estimate_bytes = estimate_peak(shape, itemsize)
     jobs: dict[str, dict[str, Any]] = {
+        # the estimate job's own request (resources.estimate_job_mem_mb), for the summary
+        "estimate": {
+            "peak_bytes": estimate_bytes,
+            "mem_mb": min(request_mb(estimate_bytes, factor), ceiling_mb or math.inf),
+            "runtime_min": MIN_RUNTIME_MIN,
+        },
         "convert": {
             "strategy": plan.strategy,
             "planes_per_slab": plan.planes_per_slab,
@@ -113,10 +142,14 @@ def estimate_from_metadata(
             "peak_bytes": plan.peak_bytes,
             "mem_mb": request_mb(plan.peak_bytes, factor),
             "runtime_min": runtime,
-        }
+        },
     }
+    roi_shard = roi_settings(roi_storage).trials_per_shard
+    store_shard = meta["shards"][0] if meta.get("format") == "zarr" else None
     for name, n_vox in (roi_voxels or {}).items():
-        peak = roi_session_peak(shape, itemsize, n_vox)
+        peak = roi_session_peak(
+            shape, itemsize, n_vox, roi_shard, store_trials_per_shard=store_shard
+        )
         jobs[f"roi_session/{name}"] = {
             "voxels": n_vox,
             "peak_bytes": peak,
@@ -146,13 +179,25 @@ def write_session_estimate(
     ceiling_mb: int | None = None,
     factor: float = 1.0,
     rois: dict[str, tuple[str, list[int] | None]] | None = None,
+    roi_storage: StorageSettings = ROI_STORAGE,
 ) -> dict[str, Any]:
-    """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically."""
-    meta = session_metadata(source)
+    """Estimate one session (``rois``: name -> (mask, labels)) and write the JSON atomically.
+
+    ``source`` is the session's HDF5 or, once that is deleted, its converted store (whose
+    compression ratio is then measured, not sampled).
+    """
+    if is_session_store(source):
+        meta = store_metadata(source)
+        ratio = math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize / meta["file_bytes"]
+    else:
+        meta = session_metadata(source)
     require_session_trials(source, meta["shape"][0])
-    ratio = sample_compression_ratio(source, settings)
+    if not is_session_store(source):
+        ratio = sample_compression_ratio(source, settings)
     roi_voxels = {name: count_roi_voxels(*spec) for name, spec in (rois or {}).items()}
-    estimate = estimate_from_metadata(meta, settings, ratio, ceiling_mb, factor, roi_voxels)
+    estimate = estimate_from_metadata(
+        meta, settings, ratio, ceiling_mb, factor, roi_voxels, roi_storage
+    )
     with atomic_output(target) as tmp:
         Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")
     return estimate
@@ -195,9 +240,6 @@ def stimuli_estimate(
     n_shards = len(trial_blocks(n_images, per_shard))
     index = n_shards * (16 * min(per_shard, n_images) + 4)  # per shard, per array
     arrays = 1 + len(sizes)
-    seconds = 3 * raw / CONVERT_BYTES_PER_S + n_images * len(sizes) * (
-        shape[1] * shape[2] * RESIZE_S_PER_PIXEL
-    )
     return {
         "source": meta,
         "n_images": n_images,
@@ -218,7 +260,9 @@ def stimuli_estimate(
                 "budget_bytes": read_budget,
                 "peak_bytes": peak,
                 "mem_mb": request_mb(peak, factor),
-                "runtime_min": max(MIN_RUNTIME_MIN, math.ceil(seconds / 60)),
+                "runtime_min": stimuli_job_minutes(
+                    raw, n_images * len(sizes) * shape[1] * shape[2]
+                ),
             }
         },
         "model": {

@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 
 from nsdzarr.errors import InputError
+from nsdzarr.memory import READ_BUFFER_BYTES
 
-DEFAULT_BUFFER_BYTES = 64 << 20  # read block + transpose scratch
 DEFAULT_GAP_BYTES = 64 << 10
 _IOV_MAX = 1024
 _UNDEFINED = (1 << 64) - 1  # HDF5 "undefined address"
@@ -394,7 +394,7 @@ class SessionReader:
         self,
         path: str | os.PathLike[str],
         dataset: str = "betas",
-        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        buffer_bytes: int = READ_BUFFER_BYTES,
         gap_bytes: int = DEFAULT_GAP_BYTES,
         allow_fast: bool = True,
         index_source: Literal["auto", "chunk_iter"] = "auto",

@@ -13,16 +13,27 @@ MB = 1024**2
 # Interpreter, libraries, zarr's event loop and threads: the smallest baseline under which
 # benchmarks/calibrate_memory.py finds no job under-predicted (111 MB), plus a margin.
 BASELINE_BYTES = 120 * MB
-# Snakemake's own processes inside a SLURM allocation: the batch step and the job step that
-# runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch ~155 MB + job step
-# ~140 MB beside the script; sums of RSS count shared pages twice, so this is on the safe side.
+# Snakemake's own processes inside a SLURM allocation, beside the job's script: the batch step
+# and the job step that runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch
+# ~155 MB + job step ~140 MB = ~295 MB, rounded up; sums of RSS count shared pages twice, so
+# this is on the safe side.
 SNAKEMAKE_JOB_BYTES = 300 * MB
 # Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask) and their parsing.
 INDEX_BYTES_PER_CHUNK = 40
-# The reader's block buffer and transpose scratch (hdf5_read.DEFAULT_BUFFER_BYTES).
+# The HDF5 reader's block buffer and transpose scratch (hdf5_read.SessionReader's default).
 READ_BUFFER_BYTES = 64 * MB
+# Planes the estimate job samples for its compression ratio (read one at a time).
+SAMPLE_PLANES = 4
 # Encoding one shard holds its raw block, the encoded inner chunks and the assembled shard.
 SHARD_WORK_FACTOR = 2.5
+# Slabs (benchmarks/calibrate_memory.py, 1 mm and 1.8 mm sessions, 2026-12-01): building the
+# chunk index peaks at ~115 bytes a chunk (519 MB for 4.0M chunks) before it shrinks to the
+# kept arrays; zarr-python's scratch-store I/O (its thread pool's buffers and allocator arenas)
+# adds a constant; while shards are rewritten from the scratch store, each shard is held
+# decoded and encoded, beside about one slab's worth of freed-but-kept pages.
+INDEX_BUILD_BYTES_PER_CHUNK = 120
+SLAB_OVERHEAD_BYTES = 130 * MB
+SHARD_REWRITE_FACTOR = 1.5
 # Rows converted to float64 at once for the ROI statistics.
 STATS_ROWS = 64
 
@@ -56,23 +67,34 @@ def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int)
 def slab_peak(
     shape: tuple[int, ...], itemsize: int, trials_per_shard: int, planes_per_slab: int
 ) -> int:
-    """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time."""
+    """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time:
+    the largest of building the chunk index, reading slabs, and rewriting shards."""
+    voxels = math.prod(shape[1:])
     plane = shape[0] * math.prod(shape[2:]) * itemsize
-    # the slab, plus the same again while its chunks are encoded into the scratch store
-    return 2 * planes_per_slab * plane + _common_bytes(shape, itemsize, trials_per_shard)
+    slab = planes_per_slab * plane
+    shard = min(trials_per_shard, shape[0]) * voxels * itemsize
+    kept = BASELINE_BYTES + SLAB_OVERHEAD_BYTES + voxels * INDEX_BYTES_PER_CHUNK
+    building_index = BASELINE_BYTES + voxels * INDEX_BUILD_BYTES_PER_CHUNK
+    # each slab as read, and again while its chunks are encoded into the scratch store
+    reading = kept + min(READ_BUFFER_BYTES, slab) + 2 * slab
+    rewriting = kept + int(SHARD_REWRITE_FACTOR * shard) + slab
+    return max(building_index, reading, rewriting)
 
 
 def plan_conversion(
     shape: tuple[int, ...], itemsize: int, trials_per_shard: int, budget_bytes: int | None
 ) -> ConversionPlan:
-    """In memory when it fits the budget (or no budget), else the largest slabs that fit."""
+    """In memory when it fits the budget (or no budget), else the largest slabs that fit (one
+    plane at a time if none fits: the estimate then refuses the ceiling)."""
     whole = in_memory_peak(shape, itemsize, trials_per_shard)
     n_planes = shape[1]
     if budget_bytes is None or whole <= budget_bytes:
         return ConversionPlan("in-memory", n_planes, whole)
-    fixed = slab_peak(shape, itemsize, trials_per_shard, 0)
-    plane = shape[0] * math.prod(shape[2:]) * itemsize
-    planes = max(1, min(n_planes, int((budget_bytes - fixed) // (2 * plane))))
+    planes = 1
+    while planes < n_planes and slab_peak(shape, itemsize, trials_per_shard, planes + 1) <= (
+        budget_bytes
+    ):
+        planes += 1
     return ConversionPlan("slabs", planes, slab_peak(shape, itemsize, trials_per_shard, planes))
 
 
@@ -86,21 +108,48 @@ def budget_bytes(mem_mb: int | None) -> int | None:
     return None if not mem_mb else mem_mb * MB - SNAKEMAKE_JOB_BYTES
 
 
+def estimate_peak(shape: tuple[int, ...], itemsize: int) -> int:
+    """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
+    plane = shape[0] * math.prod(shape[2:]) * itemsize
+    return (
+        BASELINE_BYTES
+        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
+        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
+        + (SAMPLE_PLANES + 1) * plane
+    )
+
+
 def roi_session_peak(
-    shape: tuple[int, ...], itemsize: int, n_roi_voxels: int, uses_chunk_index: bool = True
+    shape: tuple[int, ...],
+    itemsize: int,
+    n_roi_voxels: int,
+    trials_per_shard: int,
+    uses_chunk_index: bool = True,
+    store_trials_per_shard: int | None = None,
 ) -> int:
-    """Peak RSS of extracting one session's ROI voxels and their statistics."""
+    """Peak RSS of extracting one session's ROI voxels and their statistics into a part store
+    of ``trials_per_shard``-trial shards (``roi_storage.trials_per_shard``).
+
+    From the HDF5, or with ``store_trials_per_shard`` (``storage.trials_per_shard``) from the
+    converted session store, one shard file's bytes and one decoded trial chunk at a time.
+    """
     n_trials = shape[0]
     voxels = math.prod(shape[1:])
     rows = n_trials * n_roi_voxels * itemsize
+    if store_trials_per_shard is not None:
+        # a shard's stored bytes (at most its raw size) and one decoded trial
+        reading = (min(store_trials_per_shard, n_trials) + 1) * voxels * itemsize
+    else:
+        reading = (voxels * (INDEX_BYTES_PER_CHUNK + 8) if uses_chunk_index else 0) + min(
+            READ_BUFFER_BYTES, rows
+        )  # index + lookup, read buffer
     return (
         BASELINE_BYTES
-        + (voxels * (INDEX_BYTES_PER_CHUNK + 8) if uses_chunk_index else 0)  # index + lookup
-        + min(READ_BUFFER_BYTES, rows)
+        + reading
         + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
         + 3 * rows  # rows as read in file order, in column order, and read back to verify
         + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics
-        + int(SHARD_WORK_FACTOR * min(50, n_trials) * n_roi_voxels * itemsize)
+        + int(SHARD_WORK_FACTOR * min(trials_per_shard, n_trials) * n_roi_voxels * itemsize)
     )
 
 

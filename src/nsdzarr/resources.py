@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from nsdzarr.memory import BASELINE_BYTES, INDEX_BYTES_PER_CHUNK, READ_BUFFER_BYTES, request_mb
+from nsdzarr.memory import BASELINE_BYTES, estimate_peak, request_mb
+from nsdzarr.runtime import MIN_RUNTIME_MIN, request_min
 
-# Planes the estimate job samples for its compression ratio (read one at a time).
-SAMPLE_PLANES = 4
+
+def _job(estimate_json: str | os.PathLike[str], job: str) -> dict:
+    """The estimate of ``job``; for a job it does not list yet (an ROI added since it was
+    written, so it is being redone first, and Snakemake reads resources again before the job
+    runs) the session's largest request stands in while planning."""
+    jobs = json.loads(Path(estimate_json).read_text())["jobs"]
+    if job in jobs:
+        return jobs[job]
+    return {k: max(j[k] for j in jobs.values()) for k in ("mem_mb", "runtime_min")}
 
 
 def job_mem_mb(
@@ -20,24 +27,22 @@ def job_mem_mb(
     ceiling_mb: int | None = None,
 ) -> int:
     """``mem_mb`` to request for ``job`` on try ``attempt``, capped by the ceiling."""
-    mem = json.loads(Path(estimate_json).read_text())["jobs"][job]["mem_mb"] * attempt
+    mem = _job(estimate_json, job)["mem_mb"] * attempt
     return min(mem, ceiling_mb) if ceiling_mb else mem
 
 
-def job_runtime_min(estimate_json: str | os.PathLike[str], job: str, attempt: int = 1) -> int:
-    """``runtime`` in minutes to request for ``job`` on try ``attempt``."""
-    return json.loads(Path(estimate_json).read_text())["jobs"][job]["runtime_min"] * attempt
+def job_runtime_min(
+    estimate_json: str | os.PathLike[str], job: str, attempt: int = 1, factor: float = 1.0
+) -> int:
+    """``runtime`` in minutes to request for ``job`` on try ``attempt``: the estimate x the
+    ``runtime.factor`` (applied here, so changing it reruns nothing) x ``attempt``."""
+    minutes = _job(estimate_json, job)["runtime_min"]
+    return request_min(minutes, factor, attempt)
 
 
-def estimate_peak_bytes(shape: tuple[int, ...], itemsize: int) -> int:
-    """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
-    plane = shape[0] * math.prod(shape[2:]) * itemsize
-    return (
-        BASELINE_BYTES
-        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
-        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
-        + (SAMPLE_PLANES + 1) * plane
-    )
+def estimate_job_runtime_min(factor: float = 1.0, attempt: int = 1) -> int:
+    """``runtime`` in minutes of the estimate job itself on try ``attempt``."""
+    return request_min(MIN_RUNTIME_MIN, factor, attempt)
 
 
 def estimate_job_mem_mb(
@@ -47,13 +52,17 @@ def estimate_job_mem_mb(
     ceiling_mb: int | None = None,
 ) -> int:
     """``mem_mb`` of the estimate job itself on try ``attempt``, from the source's HDF5 header
-    only, capped by the ceiling like every other job."""
+    (or session store's metadata) only, capped by the ceiling like every other job."""
     import h5py  # here, not at module level: the workflow imports this module to plan jobs
 
     try:
-        with h5py.File(source, "r") as f:
-            dset = f["betas"]
-            peak = estimate_peak_bytes(dset.shape, dset.dtype.itemsize)
+        if Path(source).is_dir():  # a session store, once its HDF5 is deleted
+            shape = json.loads((Path(source) / "betas" / "zarr.json").read_text())["shape"]
+            peak = estimate_peak(tuple(shape), 2)
+        else:
+            with h5py.File(source, "r") as f:
+                dset = f["betas"]
+                peak = estimate_peak(dset.shape, dset.dtype.itemsize)
     except Exception:  # the job itself reports a bad file with a one-line error
         peak = BASELINE_BYTES
     mem = request_mb(peak, factor) * attempt

@@ -25,6 +25,7 @@ from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_s
 from nsdzarr.memory import STATS_ROWS
 from nsdzarr.nifti import load_nifti
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
+from nsdzarr.zarr_v3 import object_chunks, parse_layout
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 
@@ -129,6 +130,53 @@ def roi_settings(settings: StorageSettings | None = None) -> StorageSettings:
     return replace(settings, trials_per_chunk=1, trials_per_shard=per_shard)
 
 
+def is_session_store(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` is a converted session store (a folder) rather than an HDF5 file."""
+    return Path(source).is_dir()
+
+
+def read_store_voxels(store: str | os.PathLike[str], zyx: np.ndarray) -> np.ndarray:
+    """All trials of the voxels at rows ``(z, y, x)`` of a session store's ``betas``, as
+    ``(T, n)``: one shard file in memory at a time, each trial's chunk decoded and picked."""
+    array_dir = Path(store) / "betas"
+    meta, lay = parse_layout(array_dir)
+    z, y, x = np.asarray(zyx, dtype=np.int64).reshape(-1, 3).T
+    shape = tuple(int(n) for n in meta["shape"])
+    out = np.empty((shape[0], len(z)), np.dtype(str(meta["data_type"])))
+    if lay is None or lay.grid[1:] != lay.shape[1:] or lay.inner[1:] != lay.shape[1:]:
+        arr = zarr.open_array(str(array_dir), mode="r")
+        step = (arr.shards or arr.chunks)[0]
+        for t0 in range(0, shape[0], step):
+            out[t0 : t0 + step] = arr[t0 : t0 + step][:, z, y, x]
+        return out
+    out[...] = lay.fill_value
+    rows = lay.inner[0]
+    for obj in range(lay.n_objects()[0]):
+        path = lay.key((obj, 0, 0, 0))
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:  # an all-fill-value shard is never written
+            continue
+        for c, chunk in object_chunks(lay, data, path):
+            t0 = obj * lay.grid[0] + c * rows
+            n = min(rows, shape[0] - t0)
+            out[t0 : t0 + n] = chunk[:n, z, y, x]
+    return out
+
+
+def read_source_voxels(
+    source: str | os.PathLike[str], mask_path: str | os.PathLike[str], labels: list[int] | None
+) -> tuple[RoiMask, np.ndarray]:
+    """The ROI mask and its voxels' rows from a session HDF5 or a session store."""
+    if is_session_store(source):
+        meta, _lay = parse_layout(Path(source) / "betas")
+        mask = load_roi_mask(mask_path, labels, tuple(int(n) for n in meta["shape"][1:]))
+        return mask, read_store_voxels(source, np.stack(mask.zyx, axis=1))
+    with SessionReader(source) as reader:
+        mask = load_roi_mask(mask_path, labels, tuple(reader.shape[1:]))
+        return mask, reader.read_voxels(np.stack(mask.zyx, axis=1))
+
+
 def extract_session(
     source: str | os.PathLike[str],
     mask_path: str | os.PathLike[str],
@@ -139,12 +187,13 @@ def extract_session(
     settings: StorageSettings,
     stats_splits: tuple[str, ...] = ("train",),
 ) -> None:
-    """Write one session's ROI rows, labels and statistics as a part store (later merged)."""
+    """Write one session's ROI rows, labels and statistics as a part store (later merged).
+
+    ``source`` is the session's HDF5 or, once that is deleted, its converted store.
+    """
     remove_stale_temporaries(target)
     split = read_split(trials_tsv, session)
-    with SessionReader(source) as reader:
-        mask = load_roi_mask(mask_path, labels, tuple(reader.shape[1:]))
-        betas = reader.read_voxels(np.stack(mask.zyx, axis=1))
+    mask, betas = read_source_voxels(source, mask_path, labels)
     require_session_trials(source, betas.shape[0])
     check_finite(betas, source)
     use = np.isin(split, stats_splits)
