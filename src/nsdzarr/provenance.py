@@ -39,27 +39,46 @@ def require_demo_target(root: str | os.PathLike[str]) -> None:
 
 
 def _recorded_sources(results: Path) -> Iterator[tuple[Path, str]]:
-    """(output, source path it records) for every estimate and session store under results/."""
+    """(output, source path it records) of the estimates and session stores under results/.
+
+    Estimates record their source as configured (relative paths stay relative, so a project
+    folder moved or copied whole keeps its release); a store is checked only where no estimate
+    records its session (stores record the resolved path).
+    """
+    estimated = set()
     for estimate in sorted(results.glob("*/estimates/session*.json")):
         try:
-            yield estimate, json.loads(estimate.read_text())["source"]["path"]
+            source = json.loads(estimate.read_text())["source"]["path"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable: its own job rewrites it
+        estimated.add((estimate.parent.parent.name, estimate.stem))
+        if not _inside(source, results):  # an estimate made from a session store
+            yield estimate, source
     for meta in sorted(results.glob("*/betas/session*.zarr/zarr.json")):
+        if (meta.parent.parent.parent.name, meta.parent.stem) in estimated:
+            continue
         try:
             yield meta.parent, json.loads(meta.read_text())["attributes"]["source"]["path"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
 
 
+def _inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies in ``folder``, comparing absolute paths without resolving links."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
 def require_same_release(results: str | os.PathLike[str], nsd_root: str | os.PathLike[str]) -> None:
     """Refuse a results folder whose outputs were converted from another release's files."""
-    root = Path(nsd_root).resolve()
-    for output, source in _recorded_sources(Path(results)):
-        if not Path(source).resolve().is_relative_to(root):
+    results = Path(results)
+    for output, source in _recorded_sources(results):
+        if not (
+            _inside(source, nsd_root)
+            or Path(source).resolve().is_relative_to(Path(nsd_root).resolve())
+        ):
             raise InputError(
                 output,
-                f"made from {source}, not from nsd_root {root}: outputs of two releases never "
-                "share a results folder; run this config in its own working directory "
-                "(snakemake --directory DIR) or remove the old results/",
+                f"made from {source}, not from nsd_root {os.path.abspath(nsd_root)}: outputs "
+                "of two releases never share a results folder; run this config in its own "
+                "working directory (snakemake --directory DIR) or remove the old results/",
             )
