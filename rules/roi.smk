@@ -4,6 +4,8 @@ rule roi_session:
         mask=roi_mask,
         trials="results/{subject}/trials.tsv",
         estimate="results/{subject}/estimates/session{session}.json",
+        # the atlas whose affine the session stores record: every mask must share it
+        affine_from=affine_source,
     output:
         # removed once the subject's store links their shards (the data stays in the store)
         temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),

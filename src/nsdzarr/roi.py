@@ -23,7 +23,7 @@ from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_session_trials
 from nsdzarr.memory import STATS_ROWS
-from nsdzarr.nifti import load_nifti
+from nsdzarr.nifti import check_affine, load_nifti, require_same_grid
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
@@ -65,6 +65,7 @@ def load_roi_mask(
             f"mask shape {tuple(data.shape)} (X, Y, Z) does not match the betas volume "
             f"{tuple(volume_zyx)} (Z, Y, X): expected {tuple(volume_zyx)[::-1]}",
         )
+    check_affine(path, np.asarray(img.affine, dtype=float))
     if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
         raise InputError(path, "ROI mask values must be integers (-1 outside brain, 0, labels)")
     values = data.astype(np.int64)
@@ -138,12 +139,18 @@ def extract_session(
     target: str | os.PathLike[str],
     settings: StorageSettings,
     stats_splits: tuple[str, ...] = ("train",),
+    reference: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Write one session's ROI rows, labels and statistics as a part store (later merged)."""
+    """Write one session's ROI rows, labels and statistics as a part store (later merged).
+
+    ``reference`` is the atlas whose affine the session stores record; the mask must share it.
+    """
     remove_stale_temporaries(target)
     split = read_split(trials_tsv, session)
     with SessionReader(source) as reader:
         mask = load_roi_mask(mask_path, labels, tuple(reader.shape[1:]))
+        if reference is not None:
+            require_same_grid(mask_path, mask.affine, reference)
         betas = reader.read_voxels(np.stack(mask.zyx, axis=1))
     require_session_trials(source, betas.shape[0])
     check_finite(betas, source)
