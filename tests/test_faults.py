@@ -219,34 +219,40 @@ def test_read_only_store_folder_fails_clearly(demo_run: Path, tmp_path: Path):
     try:
         proc = workflow(tmp_path, config, SESSIONS[0], unprivileged=True)
     finally:
-        folder.chmod(0o755)
+        if folder.exists():  # Snakemake removes it once empty
+            folder.chmod(0o755)
     out = output_of(proc)
     assert proc.returncode != 0
     assert_one_line_error(out, SESSIONS[0], r"^permission denied \(EACCES on .*incomplete-")
     assert "Traceback" not in out, out[-3000:]
     assert_no_partial_output(tmp_path, SESSIONS[0])
-    assert list(folder.iterdir()) == []
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def unreadable_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One --keep-going run: session 2's betas and the nsdgeneral atlas cannot be read."""
+    base = tmp_path_factory.mktemp("unreadable")
+    root = copy_release(demo_root, base)
+    unreadable = {"betas": betas_file(root, 2), "atlas": roi_file(root, "nsdgeneral.nii.gz")}
+    for path in unreadable.values():
+        path.chmod(0o000)
+    try:
+        config = release_config(root, sessions=[1, 2])
+        proc = workflow(base / "work", config, *KEEP_GOING, unprivileged=True)
+    finally:
+        for path in unreadable.values():
+            path.chmod(0o644)
+    return unreadable, base / "work", proc
 
 
 @pytest.mark.slow
-def test_unreadable_sources_fail_clearly(demo_root: Path, tmp_path: Path):
-    # one --keep-going run: session 2's betas and the nsdgeneral atlas cannot be read
-    root = copy_release(demo_root, tmp_path)
-    unreadable = [betas_file(root, 2), roi_file(root, "nsdgeneral.nii.gz")]
-    for path in unreadable:
-        path.chmod(0o000)
-    workdir = tmp_path / "work"
-    try:
-        proc = workflow(
-            workdir, release_config(root, sessions=[1, 2]), *KEEP_GOING, unprivileged=True
-        )
-    finally:
-        for path in unreadable:
-            path.chmod(0o644)
+@pytest.mark.parametrize("source", ["betas", "atlas"])
+def test_unreadable_source_fails_clearly(unreadable_run, source: str):
+    unreadable, workdir, proc = unreadable_run
     out = output_of(proc)
     assert proc.returncode != 0
-    for path in unreadable:
-        assert_one_line_error(out, path, r"^permission denied: the file is not readable")
+    assert_one_line_error(out, unreadable[source], r"^permission denied: the file is not readable")
     assert "Traceback" not in out, out[-3000:]
     assert_no_partial_output(
         workdir,
@@ -337,17 +343,10 @@ def _shifted(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj), aff
 
 
-def _singular(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    aff = img.affine.copy()
-    aff[:3, 2] = 0
-    return np.asarray(img.dataobj), aff
-
-
 # ROI name -> (makes its atlas from nsdgeneral's, problem regex)
 OFF_GRID = {
     "flipped": (_flipped, r"^affine \[-1\.8 .* differs from .*nsdgeneral\.nii\.gz's \[1\.8 "),
     "shifted": (_shifted, r"^affine .* differs from .*nsdgeneral\.nii\.gz's .*one grid"),
-    "singular": (_singular, r"^affine .* is not finite and invertible"),
 }
 
 

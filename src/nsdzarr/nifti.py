@@ -48,12 +48,6 @@ def require_same_grid(
         )
 
 
-def check_affine(path: str | os.PathLike[str], affine: np.ndarray) -> None:
-    """Refuse an affine that maps no volume: non-finite or singular."""
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise InputError(path, f"affine {_rows(affine)} is not finite and invertible")
-
-
 def _rows(affine: np.ndarray | None) -> str:
     """The top three rows of an affine, compactly, for a one-line message."""
     if affine is None:

@@ -23,7 +23,7 @@ from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_session_trials
 from nsdzarr.memory import STATS_ROWS
-from nsdzarr.nifti import check_affine, load_nifti, require_same_grid
+from nsdzarr.nifti import load_nifti, require_same_grid
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
@@ -65,7 +65,6 @@ def load_roi_mask(
             f"mask shape {tuple(data.shape)} (X, Y, Z) does not match the betas volume "
             f"{tuple(volume_zyx)} (Z, Y, X): expected {tuple(volume_zyx)[::-1]}",
         )
-    check_affine(path, np.asarray(img.affine, dtype=float))
     if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
         raise InputError(path, "ROI mask values must be integers (-1 outside brain, 0, labels)")
     values = data.astype(np.int64)
