@@ -45,8 +45,9 @@ from test_reliability import (
 )
 
 from nsdzarr.atomic import atomic_output
-from nsdzarr.demo import write_nifti_gz
-from nsdzarr.errors import OutputError, output_error
+from nsdzarr.demo import affine, write_nifti_gz
+from nsdzarr.errors import InputError, OutputError, output_error
+from nsdzarr.nifti import require_same_grid
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="mounting a small filesystem needs root")
@@ -343,11 +344,26 @@ def _shifted(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj), aff
 
 
-# ROI name -> (makes its atlas from nsdgeneral's, problem regex)
+# ROI name -> (makes its atlas from nsdgeneral's, problem regex). Names sort after
+# "nsdgeneral": the config file is written with sorted keys and the first ROI is the reference.
 OFF_GRID = {
-    "flipped": (_flipped, r"^affine \[-1\.8 .* differs from .*nsdgeneral\.nii\.gz's \[1\.8 "),
+    "reversed": (_flipped, r"^affine \[-1\.8 .* differs from .*nsdgeneral\.nii\.gz's \[1\.8 "),
     "shifted": (_shifted, r"^affine .* differs from .*nsdgeneral\.nii\.gz's .*one grid"),
 }
+
+
+def test_atlas_grid_check(tmp_path: Path):
+    data = np.zeros((4, 5, 6), np.int16)
+    ref = affine((4, 5, 6))
+    write_nifti_gz(tmp_path / "ref.nii.gz", data, ref)
+    write_nifti_gz(tmp_path / "same.nii.gz", data, ref)
+    img = nib.load(tmp_path / "ref.nii.gz")
+    require_same_grid(tmp_path / "same.nii.gz", img.affine, tmp_path / "ref.nii.gz")
+    for make in (_flipped, _shifted):
+        write_nifti_gz(tmp_path / "x.nii.gz", *make(img))
+        bad = nib.load(tmp_path / "x.nii.gz").affine
+        with pytest.raises(InputError, match=rf"^{tmp_path}/x.nii.gz: affine .* differs from"):
+            require_same_grid(tmp_path / "x.nii.gz", bad, tmp_path / "ref.nii.gz")
 
 
 @pytest.fixture(scope="module")

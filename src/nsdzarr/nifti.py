@@ -39,8 +39,8 @@ def require_same_grid(
     """
     if os.path.samefile(path, reference):
         return
-    ref = nifti_affine(reference)
-    if ref is None or not np.allclose(affine, ref, rtol=0, atol=0.01):
+    ref = np.asarray(load_nifti(reference).affine, dtype=float)
+    if not np.allclose(affine, ref, rtol=0, atol=0.01):
         raise InputError(
             path,
             f"affine {_rows(affine)} differs from {reference}'s {_rows(ref)} (the affine the "
@@ -48,8 +48,6 @@ def require_same_grid(
         )
 
 
-def _rows(affine: np.ndarray | None) -> str:
+def _rows(affine: np.ndarray) -> str:
     """The top three rows of an affine, compactly, for a one-line message."""
-    if affine is None:
-        return "None"
     return "[" + "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3]) + "]"
