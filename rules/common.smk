@@ -1,5 +1,6 @@
 # Config validation, path helpers and resource functions. Functions only: rules live elsewhere.
 import functools
+import os
 import re
 import sys
 from pathlib import Path
@@ -49,6 +50,10 @@ for _folder in ("results", "logs"):
     if Path(_folder).exists() and not Path(_folder).is_dir():
         raise WorkflowError(
             f"{Path(_folder).resolve()}: output folder is not a directory (move the file away)"
+        )
+    if Path(_folder).is_dir() and not os.access(_folder, os.W_OK | os.X_OK):
+        raise WorkflowError(
+            f"{Path(_folder).resolve()}: output folder is not writable (permission denied)"
         )
 
 NSD_ROOT = config["nsd_root"]

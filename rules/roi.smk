@@ -5,6 +5,8 @@ rule roi_session:
         trials="results/{subject}/trials.tsv",
         # sizes the job only: a newer estimate (e.g. for a new ROI) reruns nothing
         estimate=ancient("results/{subject}/estimates/session{session}.json"),
+        # the atlas whose affine the session stores record: every mask must share it
+        affine_from=affine_source,
     output:
         # removed once the subject's store links their shards (the data stays in the store)
         temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),

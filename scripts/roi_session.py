@@ -18,4 +18,5 @@ run_job(
     int(snakemake.wildcards.session),
     snakemake.output[0],
     StorageSettings.from_config(snakemake.params.storage),
+    reference=next(iter(snakemake.input.affine_from), None),
 )

@@ -18,7 +18,7 @@ from typing import Literal
 import h5py
 import numpy as np
 
-from nsdzarr.errors import InputError
+from nsdzarr.errors import InputError, unreadable
 from nsdzarr.memory import READ_BUFFER_BYTES
 
 DEFAULT_GAP_BYTES = 64 << 10
@@ -41,6 +41,8 @@ def _problem_opening(path: Path) -> str | None:
         return "file not found"
     if not path.is_file():
         return "not a regular file"
+    if problem := unreadable(path):
+        return problem
     if not h5py.is_hdf5(str(path)):
         return "not an HDF5 file (no HDF5 signature)"
     return None

@@ -1,4 +1,9 @@
-"""Run one workflow step: log to a file, turn a known failure into one line on stderr and exit 1."""
+"""Run one workflow step: log to a file, turn a known failure into one line on stderr and exit 1.
+
+Known failures: :class:`NsdzarrError` (bad input, failed verification, an output that cannot be
+written) and an ``OSError`` of a full disk, a quota, a read-only or forbidden file outside
+``atomic_output`` (named by the error's own file name).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nsdzarr.errors import NsdzarrError
+from nsdzarr.errors import NsdzarrError, output_error
 
 log = logging.getLogger("nsdzarr")
 
@@ -17,7 +22,7 @@ log = logging.getLogger("nsdzarr")
 def run_job(
     log_path: str | Path | None, func: Callable[..., Any], /, *args: Any, **kwargs: Any
 ) -> Any:
-    """Call ``func(*args, **kwargs)`` logging to ``log_path``; exit 1 on :class:`NsdzarrError`."""
+    """Call ``func(*args, **kwargs)`` logging to ``log_path``; exit 1 on a known failure."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +38,12 @@ def run_job(
         result = func(*args, **kwargs)
     except NsdzarrError as err:
         log.error("%s", err)
+        raise SystemExit(1) from None
+    except OSError as err:
+        failed = output_error(err.filename, err) if err.filename else None
+        if failed is None:
+            raise
+        log.error("%s", failed)
         raise SystemExit(1) from None
     log.info("%s done in %.2f s", getattr(func, "__name__", "job"), time.perf_counter() - start)
     return result

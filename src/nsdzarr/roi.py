@@ -23,7 +23,7 @@ from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import SessionReader, check_finite
 from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_session_trials
 from nsdzarr.memory import STATS_ROWS
-from nsdzarr.nifti import load_nifti
+from nsdzarr.nifti import load_nifti, require_same_grid
 from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
 from nsdzarr.zarr_v3 import object_chunks, parse_layout
 
@@ -186,6 +186,7 @@ def extract_session(
     target: str | os.PathLike[str],
     settings: StorageSettings,
     stats_splits: tuple[str, ...] = ("train",),
+    reference: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write one session's ROI rows, labels and statistics as a part store (later merged).
 
@@ -194,6 +195,8 @@ def extract_session(
     remove_stale_temporaries(target)
     split = read_split(trials_tsv, session)
     mask, betas = read_source_voxels(source, mask_path, labels)
+    if reference is not None:
+        require_same_grid(mask_path, mask.affine, reference)
     require_session_trials(source, betas.shape[0])
     check_finite(betas, source)
     use = np.isin(split, stats_splits)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.io
 
 from nsdzarr.atomic import atomic_output
-from nsdzarr.errors import InputError
+from nsdzarr.errors import InputError, unreadable
 from nsdzarr.layout import TRIALS_PER_SESSION
 
 StrPath = str | PathLike[str]
@@ -86,6 +86,8 @@ def _read_mat(path: Path) -> dict[str, Any]:
     """``scipy.io.loadmat`` with every failure turned into an InputError."""
     if not path.is_file():
         raise InputError(path, "file not found")
+    if problem := unreadable(path):
+        raise InputError(path, problem)
     try:
         return scipy.io.loadmat(path)
     except NotImplementedError as exc:  # MATLAB v7.3 (HDF5) files
