@@ -18,8 +18,8 @@ from nsdzarr.estimate import (
     sample_compression_ratio,
     session_metadata,
 )
-from nsdzarr.memory import request_mb
-from nsdzarr.resources import estimate_job_mem_mb, estimate_peak_bytes
+from nsdzarr.memory import estimate_peak, request_mb
+from nsdzarr.resources import estimate_job_mem_mb
 from nsdzarr.storage import StorageSettings
 
 SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
@@ -27,7 +27,7 @@ SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
 
 def _estimate_mem_mb(meta: dict[str, Any], factor: float, ceiling_mb: int | None) -> int:
     """The estimate job's own request when only the release facts are known (no file)."""
-    peak = estimate_peak_bytes(tuple(meta["shape"]), np.dtype(meta["dtype"]).itemsize)
+    peak = estimate_peak(tuple(meta["shape"]), np.dtype(meta["dtype"]).itemsize)
     mem = request_mb(peak, factor)
     return min(mem, ceiling_mb) if ceiling_mb else mem
 
