@@ -102,8 +102,14 @@ def test_summary_from_the_demo_run(demo_run: Path, tmp_path: Path):
     estimates = sorted((demo_run / "results/subj01/estimates").glob("*.json"))
     benches = sorted((demo_run / "results/benchmarks").glob("*/*/*.tsv"))
     assert len(benches) == 3 * (1 + 1 + 2)  # estimate, convert and two ROIs, three sessions
-    write_summary(estimates, benches, tmp_path / "e.tsv", tmp_path / "e.md", tmp_path / "m.png")
+    benches += [demo_run / "results/benchmarks/stimuli/stimuli.tsv"]
+    stimuli = demo_run / "results/stimuli/estimate.json"
+    write_summary(
+        estimates, benches, tmp_path / "e.tsv", tmp_path / "e.md", tmp_path / "m.png",
+        tmp_path / "r.png", stimuli_estimate=stimuli,
+    )  # fmt: skip
     text = (tmp_path / "e.md").read_text()
+    assert "## Stimulus images" in text and text.count("all stimuli -") == 1
     assert "| subj01 | 3 |" in text and "| all | 3 |" in text
     assert text.count("subj01 convert session") == 3
     assert text.count("subj01 estimate session") == 3  # the estimate job's own peak
