@@ -230,30 +230,30 @@ def test_read_only_store_folder_fails_clearly(demo_run: Path, tmp_path: Path):
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def unreadable_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One --keep-going run: session 2's betas and the nsdgeneral atlas cannot be read."""
-    base = tmp_path_factory.mktemp("unreadable")
+def _unreadable_run(demo_root: Path, base: Path, source: str):
+    """A --keep-going run in which one file (session 2's betas or the atlas) cannot be read.
+
+    One file per run: Snakemake stops the whole run when it cannot record metadata of a job
+    whose input is unreadable, so a second unreadable file might never be reached.
+    """
     root = copy_release(demo_root, base)
-    unreadable = {"betas": betas_file(root, 2), "atlas": roi_file(root, "nsdgeneral.nii.gz")}
-    for path in unreadable.values():
-        path.chmod(0o000)
+    path = {"betas": betas_file(root, 2), "atlas": roi_file(root, "nsdgeneral.nii.gz")}[source]
+    path.chmod(0o000)
     try:
         config = release_config(root, sessions=[1, 2])
         proc = workflow(base / "work", config, *KEEP_GOING, unprivileged=True)
     finally:
-        for path in unreadable.values():
-            path.chmod(0o644)
-    return unreadable, base / "work", proc
+        path.chmod(0o644)
+    return path, base / "work", proc
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["betas", "atlas"])
-def test_unreadable_source_fails_clearly(unreadable_run, source: str):
-    unreadable, workdir, proc = unreadable_run
+def test_unreadable_source_fails_clearly(demo_root: Path, tmp_path: Path, source: str):
+    path, workdir, proc = _unreadable_run(demo_root, tmp_path, source)
     out = output_of(proc)
     assert proc.returncode != 0
-    assert_one_line_error(out, unreadable[source], r"^permission denied: the file is not readable")
+    assert_one_line_error(out, path, r"^permission denied: the file is not readable")
     assert "Traceback" not in out, out[-3000:]
     assert_no_partial_output(
         workdir,
