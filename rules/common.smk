@@ -73,10 +73,13 @@ def drop_engine_timestamps():
     """Remove the `.snakemake_timestamp` files Snakemake leaves in directory() outputs.
 
     zarr-python warns about any foreign file inside a store; without the file, Snakemake
-    takes the store folder's own mtime, set when the store was written.
+    takes the store folder's own mtime, which is kept as the stamp made it (removing an entry
+    would move it past the outputs made from the store, and rerun them).
     """
     for stamp in Path("results").rglob(".snakemake_timestamp"):
+        folder = stamp.parent.stat()
         stamp.unlink(missing_ok=True)
+        os.utime(stamp.parent, ns=(folder.st_atime_ns, folder.st_mtime_ns))
 
 
 wildcard_constraints:
