@@ -1,6 +1,9 @@
 rule estimate:
     input:
-        betas=betas_source,
+        # ancient: a replaced source reruns the jobs that read it (their own inputs), not its
+        # estimate; Snakemake skips a job whose only rerun reason would be an ancient input
+        # from a rerunning job, so a rerun estimate would hide the replaced source from them
+        betas=lambda wildcards: ancient(betas_source(wildcards)),
         masks=subject_roi_masks,
     output:
         "results/{subject}/estimates/session{session}.json",

@@ -614,7 +614,6 @@ def test_replaced_source_rebuilds_what_depends_on_it(second_run: Path, tmp_path:
     proc = run_snakemake(workdir, config=config)
     jobs = executed_jobs(output_of(proc))
     must = {
-        ("estimate", "subject=subj01, session=02"),
         ("convert", "subject=subj01, session=02"),
         *(("roi_session", f"subject=subj01, roi={roi}, session=02") for roi in ROIS),
         *(("roi_store", f"subject=subj01, roi={roi}") for roi in ROIS),
