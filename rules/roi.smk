@@ -8,8 +8,8 @@ rule roi_session:
         # the atlas whose affine the session stores record: every mask must share it
         affine_from=affine_source,
     output:
-        # removed once the subject's store links their shards (the data stays in the store)
-        temp(directory("results/{subject}/roi/{roi}.parts/session{session}.zarr")),
+        # kept: a replaced session source rebuilds its part alone, then the store links them
+        directory("results/{subject}/roi/{roi}.parts/session{session}.zarr"),
     log:
         "logs/{subject}/roi_session/{roi}_session{session}.log",
     benchmark:

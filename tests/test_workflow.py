@@ -179,8 +179,10 @@ def test_roi_added_after_deleting_the_hdf5s_comes_from_the_session_stores(
     config["rois"] = rois  # and adds V1
     planned = _planned_jobs(run_snakemake(work, "-n", config=config).stdout)
     # the estimates are redone from the stores (they now size V1's jobs); nothing converts
+    # and the QC figures of the stores and ROIs (V1's own, and the drift over both ROIs)
     assert planned == {
-        "all": 1, "estimate": 3, "roi_session": 3, "roi_store": 1, "estimate_summary": 1
+        "all": 1, "estimate": 3, "roi_session": 3, "roi_store": 1, "estimate_summary": 1,
+        "qc_stores": 1, "qc_drift": 1, "qc_reliability": 1,
     }, planned  # fmt: skip
     run_snakemake(work, config=config)
     after = {p: p.stat().st_mtime_ns for p in (work / "results").rglob("*") if p.is_file()}
