@@ -12,15 +12,18 @@ array in one contiguous HDF5 dataset. The page cache is warmed first (warm-cache
 Every method reads the same random trials in one process; rounds run the methods
 round-robin and the best round is kept (the machine is shared, so the best round is the least
 disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none").
-Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store and a
-blosc-lz4 copy (``nsdgeneral-lz4.zarr``, the ROI stores' default codec). Then DataLoaders
-over the blosc-lz4 copy with 0, 1, 2 workers, with the CPU each process spends per batch,
+Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store, a
+blosc-lz4 copy (``nsdgeneral-lz4.zarr``) and a raw copy (``nsdgeneral-raw.zarr``, codec
+none), tensorstore on the zstd store and on the store of the ROI default codec
+(``storage.ROI_STORAGE``), zarrs-python on the latter (each if installed). Then DataLoaders
+over the default store with 0, 1, 2 workers, with the CPU each process spends per batch,
 beside a no-op dataset (what torch's DataLoader itself costs per batch) and larger batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import time
@@ -300,7 +303,7 @@ def main() -> None:
             ).result()
             for name, path in (("zstd", store), ("default", default_store))
         }
-        ts_version = getattr(ts, "__version__", "?")
+        ts_version = importlib.metadata.version("tensorstore")
     except Exception as exc:  # not installed, or no zarr3 driver
         print(f"tensorstore skipped: {exc}")
         tstores, ts_version = {}, ""

@@ -526,11 +526,10 @@ class BetasDataset(Dataset):
             for j, p in enumerate(pos):
                 np.divide(mem[p], scale, out=out[j], dtype=np.float32)
         else:
-            sess = info.row_session[rows]
-            mean = info.mean
-            for j, (p, q) in enumerate(zip(pos, sess.tolist(), strict=True)):
+            mean, std = info.mean, info.std
+            for j, (p, q) in enumerate(zip(pos, info.row_session[rows].tolist(), strict=True)):
                 np.subtract(mem[p], mean[q], out=out[j], dtype=np.float32)
-            np.divide(out, info.std[sess], out=out)
+                np.divide(out[j], std[q], out=out[j])
         return True
 
     def _normalize(
