@@ -12,15 +12,18 @@ array in one contiguous HDF5 dataset. The page cache is warmed first (warm-cache
 Every method reads the same random trials in one process; rounds run the methods
 round-robin and the best round is kept (the machine is shared, so the best round is the least
 disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none").
-Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store and a
-blosc-lz4 copy (``nsdgeneral-lz4.zarr``, the ROI stores' default codec). Then DataLoaders
-over the blosc-lz4 copy with 0, 1, 2 workers, with the CPU each process spends per batch,
+Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store, a
+blosc-lz4 copy (``nsdgeneral-lz4.zarr``) and a raw copy (``nsdgeneral-raw.zarr``, codec
+none), tensorstore on the zstd store and on the store of the ROI default codec
+(``storage.ROI_STORAGE``), zarrs-python on the latter (each if installed). Then DataLoaders
+over the default store with 0, 1, 2 workers, with the CPU each process spends per batch,
 beside a no-op dataset (what torch's DataLoader itself costs per batch) and larger batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import time
@@ -97,24 +100,28 @@ def build(data: Path) -> None:
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def build_lz4(data: Path) -> Path:
-    """The same betas re-encoded with blosc-lz4 (level 5, shuffle), beside the zstd store."""
+def build_copy(data: Path, name: str, codec: str, level: int = 5) -> Path:
+    """The same betas re-encoded as ``codec`` (shuffle), beside the zstd store."""
     import zarr
 
     from nsdzarr.roi import roi_settings
     from nsdzarr.storage import StorageSettings, create_trial_array
 
     roi = data / "subj01" / "roi"
-    target = roi / "nsdgeneral-lz4.zarr"
+    target = roi / name
     if (target / "zarr.json").exists():
         return target
     print(f"building {target} ...", flush=True)
     src = zarr.open_group(roi / "nsdgeneral.zarr", mode="r")
     group = zarr.open_group(target, mode="w", zarr_format=3)
-    settings = roi_settings(StorageSettings("blosc-lz4", 5))
+    settings = roi_settings(StorageSettings(codec, level))
     arr = create_trial_array(group, "betas", (N_TRIALS, N_VOX), np.int16, settings, ("t", "v"))
     for a in range(0, N_TRIALS, PER_SESSION):
         arr[a : a + PER_SESSION] = src["betas"][a : a + PER_SESSION]
+    for key in ("mean", "std", "voxels"):
+        group.create_array(
+            key, data=src[key][...], dimension_names=src[key].metadata.dimension_names
+        )
     group.attrs.update(dict(src.attrs))
     return target
 
@@ -222,6 +229,13 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
             f"| {name} | {bs} | {workers} | {rate:,.0f} | {rate / zero:.2f} | {main:,.0f} "
             f"| {work:,.0f} |"
         )
+    for w in (1, 2):
+        noop, ours = best[("noop", w, BATCH)], best[("ours", w, BATCH)]
+        print(
+            f"\n{w} worker(s), batch {BATCH}: CPU µs per batch, main process: ours "
+            f"{ours[1]:,.0f} vs torch's floor {noop[1]:,.0f} ({ours[1] / max(noop[1], 1):.2f}x); "
+            f"workers: ours {ours[2]:,.0f} vs floor {noop[2]:,.0f}"
+        )
     # 2 cores, CPU-bound: 2 workers give at most 2 * (one process's CPU per batch) / (the
     # workers' CPU per batch + the main process's), the DataLoader's own part at least
     # torch's floor (the no-op dataset)
@@ -243,7 +257,8 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
     build(args.data)
-    lz4_store = build_lz4(args.data)
+    lz4_store = build_copy(args.data, "nsdgeneral-lz4.zarr", "blosc-lz4")
+    raw_store = build_copy(args.data, "nsdgeneral-raw.zarr", "none")
     if args.build_only:
         return
 
@@ -252,12 +267,14 @@ def main() -> None:
     import zarr
 
     from nsdzarr.loader import BetasDataset, collate
+    from nsdzarr.storage import ROI_STORAGE
     from nsdzarr.zarr_v3 import Decoder
 
     torch.set_num_threads(1)
     store = args.data / "subj01" / "roi" / "nsdgeneral.zarr"
     h5path = args.data / "betas.h5"
-    warm_cache([store, h5path, lz4_store])
+    warm_cache([store, h5path, lz4_store, raw_store])
+    codec_of = {"zstd": "zstd-1", "default": ROI_STORAGE.codec}
     rng = np.random.default_rng(1)
     singles = rng.integers(0, N_TRIALS, 4000)
     batches = rng.integers(0, N_TRIALS, (500, BATCH))
@@ -265,6 +282,9 @@ def main() -> None:
     ds = BetasDataset(store, split="all")
     ds_t2 = BetasDataset(store, split="all", decode_threads=2)
     ds_lz4 = BetasDataset(lz4_store, split="all")
+    ds_raw = BetasDataset(raw_store, split="all")
+    ds_raw_mem = BetasDataset(raw_store, split="all", in_memory=True)
+    ds_raw_z = BetasDataset(raw_store, split="all", normalize="session_zscore")
     ds_z = BetasDataset(store, split="all", normalize="session_zscore")
     t0 = time.perf_counter()
     ds_mem = BetasDataset(store, split="all", in_memory=True)
@@ -272,16 +292,34 @@ def main() -> None:
     z = zarr.open_array(store / "betas", mode="r")
     h5 = h5py.File(h5path, "r")["betas"]
     ram = ds_mem._mem[0].numpy()  # the same int16 array, for numpy fancy indexing
+    default_store = {"none": raw_store, "blosc-lz4": lz4_store, "zstd": store}[ROI_STORAGE.codec]
     try:
         import tensorstore as ts
 
-        tstore = ts.open(
-            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / "betas")}},
-            read=True,
-        ).result()
+        tstores = {
+            name: ts.open(
+                {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "betas")}},
+                read=True,
+            ).result()
+            for name, path in (("zstd", store), ("default", default_store))
+        }
+        ts_version = importlib.metadata.version("tensorstore")
     except Exception as exc:  # not installed, or no zarr3 driver
         print(f"tensorstore skipped: {exc}")
-        tstore = None
+        tstores, ts_version = {}, ""
+    try:  # zarr-python with the zarrs (Rust) codec pipeline, on the default store
+        import zarrs  # noqa: F401
+
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+            zrs = zarr.open_array(default_store / "betas", mode="r")
+            zrs.oindex[batches[0], :]  # the pipeline is chosen when the array is read
+    except Exception as exc:
+        print(f"zarrs skipped: {exc}")
+        zrs = None
+
+    def zrs_batch(k: int) -> np.ndarray:
+        with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+            return zrs.oindex[batches[k], :]
 
     def h5_batch(k: int) -> np.ndarray:  # h5py fancy indexing needs increasing indices
         b = batches[k]
@@ -335,9 +373,21 @@ def main() -> None:
             None,
             lambda k: collate(ds_t2.__getitems__(batches[k]))["betas"],
         ),
-        "ours, disk, blosc-lz4 store (ROI default)": (
+        "ours, disk, blosc-lz4 store": (
             lambda k: ds_lz4[int(singles[k])]["betas"],
             lambda k: collate(ds_lz4.__getitems__(batches[k]))["betas"],
+        ),
+        "ours, disk, raw store (no codec)": (
+            lambda k: ds_raw[int(singles[k])]["betas"],
+            lambda k: collate(ds_raw.__getitems__(batches[k]))["betas"],
+        ),
+        "ours, disk, raw store, session_zscore": (
+            None,
+            lambda k: collate(ds_raw_z.__getitems__(batches[k]))["betas"],
+        ),
+        "ours, in_memory (from the raw store)": (
+            None,
+            lambda k: collate(ds_raw_mem.__getitems__(batches[k]))["betas"],
         ),
         "ours, in_memory": (
             lambda k: ds_mem[int(singles[k])]["betas"],
@@ -351,16 +401,24 @@ def main() -> None:
             lambda k: ram[batches[k]],
         ),
     }
-    if tstore is not None:
-        methods["tensorstore (zarr3 driver)"] = (
-            lambda k: tstore[int(singles[k])].read().result(),
-            lambda k: tstore[batches[k], :].read().result(),
+    for name, tstore in tstores.items():
+        methods[f"tensorstore {ts_version}, {name} store ({codec_of[name]})"] = (
+            lambda k, t=tstore: t[int(singles[k])].read().result(),
+            lambda k, t=tstore: t[batches[k], :].read().result(),
         )
+    if zrs is not None:
+        methods[f"zarrs-python, default store ({ROI_STORAGE.codec})"] = (None, zrs_batch)
 
     # correctness before speed
     ref = z.oindex[batches[0], :]
     assert np.array_equal(collate(ds.__getitems__(batches[0]))["betas"].numpy(), ref)
     assert np.array_equal(collate(ds_mem.__getitems__(batches[0]))["betas"].numpy(), ref)
+    for d in (ds_raw, ds_raw_mem, ds_lz4):
+        assert np.array_equal(collate(d.__getitems__(batches[0]))["betas"].numpy(), ref)
+    zr = collate(ds_raw_z.__getitems__(batches[0]))["betas"].numpy()
+    assert np.array_equal(zr, collate(ds_z.__getitems__(batches[0]))["betas"].numpy())
+    if zrs is not None:
+        assert np.array_equal(zrs_batch(0), ref)
     assert np.array_equal(h5_batch(0), ref)
 
     best: dict[tuple[str, str], float] = {}
@@ -395,13 +453,15 @@ def main() -> None:
         print(f"| {name:42s} | {cells[0]} | {cells[1]} |")
     dsets = {
         "noop": NoopBatches(),
-        "ours": ds_lz4,
-        "ours, torch's shm transport": BetasDataset(lz4_store, split="all", pooled_batches=False),
+        "ours": BetasDataset(default_store, split="all"),
+        "ours, torch's shm transport": BetasDataset(
+            default_store, split="all", pooled_batches=False
+        ),
     }
     configs = [("noop", w, BATCH) for w in (0, 1, 2)] + [("ours", w, BATCH) for w in (0, 1, 2)]
     configs += [("ours, torch's shm transport", 2, BATCH)]
     configs += [("ours", w, bs) for bs in (128, 512) for w in (0, 2)]
-    report_loader(loader_rates(dsets, configs, args.rounds), "blosc-lz4 (ROI default)")
+    report_loader(loader_rates(dsets, configs, args.rounds), f"{ROI_STORAGE.codec} (ROI default)")
     print(
         f"\nin_memory load (decode 30000 trials into memory): {load_s:.1f} s; load "
         f"average during the run: {os.getloadavg()[0]:.1f} (another process's load slows "

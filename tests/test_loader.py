@@ -28,9 +28,9 @@ from zarr.codecs import GzipCodec
 from nsdzarr import demo, layout
 from nsdzarr import loader as loader_module
 from nsdzarr.errors import InputError
-from nsdzarr.loader import BetasDataset, collate, parse_layout
+from nsdzarr.loader import NORMALIZE, BetasDataset, collate, parse_layout
 from nsdzarr.roi import load_roi_mask, roi_attrs, roi_settings, session_stats
-from nsdzarr.storage import StorageSettings, create_trial_array, zarr_compressor
+from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array, zarr_compressor
 from nsdzarr.trials import write_trial_tables
 
 SPEC = demo.DemoSpec(subjects=("subj01", "subj02"))
@@ -478,6 +478,25 @@ def rewrite_betas(store: Path, target: Path, betas: np.ndarray, **codec) -> Path
     )  # fmt: skip
     arr[...] = betas
     return target
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_raw_store_default_disk_and_memory(store: Path, truth: dict, normalize: str):
+    """The ROI default (raw rows, codec none): read into the batch, from disk and memory."""
+    assert ROI_STORAGE.codec == "none"
+    raw = store.parent / "raw.zarr"
+    if not raw.exists():
+        rewrite_betas(
+            store, raw, truth["betas"], compressors=zarr_compressor(roi_settings(), 2)
+        )  # fmt: skip
+    ref = reference(truth, normalize)
+    idx = np.random.default_rng(3).integers(0, len(ref), 200)
+    idx[:3] = idx[3]  # a row asked more than once
+    for in_memory in (False, True):
+        ds = BetasDataset(raw, split="all", normalize=normalize, in_memory=in_memory)
+        assert ds.stores[0].layout.codec is None
+        np.testing.assert_array_equal(ds[idx.tolist()]["betas"].numpy(), ref[idx])
+        np.testing.assert_array_equal(ds[int(idx[5])]["betas"].numpy(), ref[idx[5]])
 
 
 def test_blosc_store_and_zarr_fallback(store: Path, truth: dict):

@@ -198,9 +198,11 @@ def _rebuild_batch(
         base = np.frombuffer(mm, np.uint8, nbytes, offset)
         weakref.finalize(base, _free_slot, mm, index)  # after every tensor/view of it is gone
         for name, dtype, shape, stride, off in in_slot:
-            size = math.prod(shape) * np.dtype(dtype).itemsize
-            flat = torch.from_numpy(base[off : off + size].view(dtype))
-            rest[name] = flat.as_strided(shape, stride)
+            # a strided numpy view, then from_numpy: torch's as_strided costs ~10x more here
+            dt = np.dtype(dtype)
+            strides = tuple(s * dt.itemsize for s in stride)
+            view = np.ndarray(shape, dt, buffer=base, offset=off, strides=strides)
+            rest[name] = torch.from_numpy(view)
     for name in by_value:
         rest[name] = torch.from_numpy(rest[name])
     return rest

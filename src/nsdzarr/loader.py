@@ -24,7 +24,7 @@ resumable, distributed batches; ``by_subject=True`` when the stores' voxel count
 Fast path: each process reads the Zarr v3 shard files itself (:mod:`nsdzarr.row_reader`: the
 encoded chunks located through the cached shard indexes, nearby ones read together, decoded
 straight into the batch buffer) instead of paying zarr-python's ~1 ms per call. Anything but
-the layouts nsd-zarr writes (``bytes`` + zstd or blosc, optionally inside
+the layouts nsd-zarr writes (``bytes``, raw or + zstd or blosc, optionally inside
 ``sharding_indexed``, chunks holding whole rows) falls back to zarr-python.
 
 Safety: after ``__init__`` the dataset holds no open file and no thread (it reads the small
@@ -506,6 +506,32 @@ class BetasDataset(Dataset):
                 raw[sel] = target
         return raw
 
+    def _gather_normalized(
+        self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray, out: np.ndarray
+    ) -> bool:
+        """In memory, one store: each row cast and normalized straight from memory into
+        ``out`` (one pass over the data instead of a gather, then a cast); False otherwise."""
+        s = 0 if self._single else int(stores[0])
+        if self._mem[s] is None or not (self._single or (stores == s).all()):
+            return False
+        if rt.mem[s] is None:
+            rt.mem[s] = self._mem[s].numpy()
+        mem, info = rt.mem[s], self.stores[s]
+        pos = self._mem_pos[s][rows].tolist()
+        if self.normalize == "none":
+            for j, p in enumerate(pos):
+                out[j] = mem[p]
+        elif self.normalize == "psc":
+            scale = np.float32(info.scale)
+            for j, p in enumerate(pos):
+                np.divide(mem[p], scale, out=out[j], dtype=np.float32)
+        else:
+            mean, std = info.mean, info.std
+            for j, (p, q) in enumerate(zip(pos, info.row_session[rows].tolist(), strict=True)):
+                np.subtract(mem[p], mean[q], out=out[j], dtype=np.float32)
+                np.divide(out[j], std[q], out=out[j])
+        return True
+
     def _normalize(
         self, raw: np.ndarray, stores: np.ndarray, rows: np.ndarray, out: np.ndarray
     ) -> None:
@@ -560,11 +586,13 @@ class BetasDataset(Dataset):
                 self.images.read_into(self._item_image[idx], image.numpy(), rt.executor)
             collated["image"] = image.permute(0, 3, 1, 2)
         if len(idx):
-            raw = self._read_raw(rt, stores, rows)
             out = betas.numpy()
-            if counts is None:
-                self._normalize(raw, stores, rows, out)
+            if counts is None and self._gather_normalized(rt, stores, rows, out):
+                pass
+            elif counts is None:
+                self._normalize(self._read_raw(rt, stores, rows), stores, rows, out)
             else:
+                raw = self._read_raw(rt, stores, rows)
                 norm = np.empty(raw.shape, dtype=np.float32)
                 self._normalize(raw, stores, rows, norm)
                 starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

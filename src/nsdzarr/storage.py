@@ -11,7 +11,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd")
-# Image stores may also be raw: natural images barely compress losslessly (see stimuli.py).
+# Image and ROI stores may also be raw: natural images barely compress losslessly (see
+# stimuli.py), and raw ROI rows are read straight into the loader's batch (loader.py).
 IMAGE_CODECS = ("none", *CODECS)
 SHUFFLES = {"shuffle": 1, "bitshuffle": 2, "noshuffle": 0}
 
@@ -27,8 +28,10 @@ class StorageSettings:
     trials_per_shard: int = 50
 
     def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        if self.codec not in IMAGE_CODECS:
+            raise ValueError(
+                f"unknown codec {self.codec!r}; choose one of {', '.join(IMAGE_CODECS)}"
+            )
         if self.shuffle not in SHUFFLES:
             raise ValueError(
                 f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}"
@@ -42,9 +45,10 @@ class StorageSettings:
         return cls(**(section or {}))
 
 
-# ROI stores are read one random trial at a time by the loader: blosc-lz4 decodes ~1.8x
-# faster than zstd-1 there (benchmarks/README.md), for stores ~40% larger.
-ROI_STORAGE = StorageSettings(codec="blosc-lz4", level=5, shuffle="shuffle", trials_per_shard=50)
+# ROI stores are read one random trial at a time by the loader: raw rows are read straight
+# into the batch, ~2x faster than blosc-lz4 (benchmarks/README.md, loader.py), for stores of
+# 2 bytes per voxel and trial (subj01 nsdgeneral: 0.94 GB). level/shuffle apply to codecs.
+ROI_STORAGE = StorageSettings(codec="none", level=5, shuffle="shuffle", trials_per_shard=50)
 
 
 @dataclass(frozen=True)
