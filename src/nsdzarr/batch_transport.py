@@ -106,10 +106,13 @@ class Slot:
         return out
 
     def offset_of(self, t: torch.Tensor) -> int | None:
-        """Where a contiguous tensor lies in the slot (None if elsewhere)."""
+        """Where a dense tensor lies in the slot (None if elsewhere).
+
+        Dense: contiguous up to a permutation of its axes, such as channels_last images.
+        """
         off = t.data_ptr() - self.addr
         inside = off >= 0 and off + t.numel() * t.element_size() <= len(self.base)
-        return off if inside and t.is_contiguous() else None
+        return off if inside and _dense(t) else None
 
     def send(self) -> tuple[tuple[int, int, int], int, int, int]:
         """Hand the slot to the main process (which frees it); once only."""
@@ -119,6 +122,14 @@ class Slot:
                 raise RuntimeError("a pooled batch was sent twice")
             pool.state[self.index] = 2
         return pool.key, self.index, self.offset, self.used
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly its numel elements (contiguous once axes are reordered)."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).is_contiguous()
 
 
 def _map_pool(key: tuple[int, int, int]) -> Any:
@@ -152,7 +163,7 @@ def _free_slot(mm: Any, slot: int) -> None:
 class WorkerBatch(dict):
     """A collated batch made in a DataLoader worker; pickles as a few numbers.
 
-    Tensors in the batch's pool slot travel as (dtype, shape, offset) in the slot; other
+    Tensors in the batch's pool slot travel as (dtype, shape, strides, offset); other
     small tensors by value (torch would give each its own shared memory segment). Unpickled,
     it is a plain dict of plain tensors over the slot, which is freed when they are gone.
     """
@@ -164,7 +175,7 @@ class WorkerBatch(dict):
         for key, v in self.items():
             off = self.slot.offset_of(v) if isinstance(v, torch.Tensor) and self.slot else None
             if off is not None:
-                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), off))
+                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), v.stride(), off))
                 v = None
             elif isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
                 by_value.append(key)
@@ -176,7 +187,7 @@ class WorkerBatch(dict):
 
 def _rebuild_batch(
     ticket: Any,
-    in_slot: list[tuple[str, str, tuple[int, ...], int]],
+    in_slot: list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]],
     by_value: list[str],
     rest: dict,
 ) -> dict[str, Any]:
@@ -186,9 +197,10 @@ def _rebuild_batch(
         mm = _map_pool(key)
         base = np.frombuffer(mm, np.uint8, nbytes, offset)
         weakref.finalize(base, _free_slot, mm, index)  # after every tensor/view of it is gone
-        for name, dtype, shape, off in in_slot:
+        for name, dtype, shape, stride, off in in_slot:
             size = math.prod(shape) * np.dtype(dtype).itemsize
-            rest[name] = torch.from_numpy(base[off : off + size].view(dtype).reshape(shape))
+            flat = torch.from_numpy(base[off : off + size].view(dtype))
+            rest[name] = flat.as_strided(shape, stride)
     for name in by_value:
         rest[name] = torch.from_numpy(rest[name])
     return rest

@@ -1,9 +1,10 @@
-"""Random rows of a 2-D Zarr v3 array whose chunks hold whole rows, read per process.
+"""Random rows of an (N, ...) Zarr v3 array whose chunks hold whole rows, read per process.
 
 :class:`ShardRows` reads the shard files itself: the rows' chunks are located through the
 cached shard indexes, chunks close together in one file are read with one ``preadv`` into a
 reused buffer and decoded straight into the caller's rows (``zarr_v3.Decoder``). About 1 µs
 of Python per row besides the syscall and the decoder; zarr-python costs ~1 ms per call.
+A row is everything after the first axis: (trials, voxels) betas and (N, H, W, 3) images alike.
 :class:`ZarrRows` is the fallback for any other layout.
 """
 
@@ -24,6 +25,11 @@ COALESCE_GAP = 64 * 1024  # one read for chunks this close in one shard file
 COALESCE_MAX = 16 * 2**20
 
 
+def whole_rows(layout: ArrayLayout) -> bool:
+    """Whether every chunk of the array holds whole rows (what :class:`ShardRows` reads)."""
+    return layout.inner[1:] == layout.grid[1:] == layout.shape[1:]
+
+
 class ShardRows:
     """Reader of one array's rows for the process that made it (fds LRU-bounded by ``max_open``).
 
@@ -35,7 +41,8 @@ class ShardRows:
         self.layout = layout
         self.max_open = max(1, max_open)
         n_obj = layout.n_objects()[0]
-        self.paths = [layout.key((s, 0)) for s in range(n_obj)]
+        rest = (0,) * (len(layout.shape) - 1)
+        self.paths = [layout.key((s, *rest)) for s in range(n_obj)]
         self.fds: OrderedDict[int, int] = OrderedDict()
         self.offset = np.zeros((n_obj, layout.n_inner), dtype=np.int64)
         self.nbytes = np.zeros((n_obj, layout.n_inner), dtype=np.int64)  # -1: empty chunk
@@ -157,7 +164,7 @@ class ShardRows:
         """Read each run with one ``preadv`` and decode its chunks into ``out``."""
         dec, r = self.decoder(), self.layout.inner[0]
         buf, view, buf_addr = getattr(self._local, "buf", (None, None, 0))
-        chunk_buf = np.empty((r, out.shape[1]), dtype=out.dtype) if r > 1 else out[:1]
+        chunk_buf = np.empty((r, *out.shape[1:]), dtype=out.dtype) if r > 1 else out[:1]
         row_bytes, out_addr = out.strides[0], out.ctypes.data
         chunk_addr, n = chunk_buf.ctypes.data, chunk_buf.nbytes
         for o, start, stop, chunks, fd in runs:
