@@ -17,12 +17,13 @@ torch = pytest.importorskip("torch")
 
 import zarr  # noqa: E402
 from test_loader import SESSIONS, build_store, open_files, record_pid, worker_fds  # noqa: E402
-from test_readers import SIZE, H, W, convert_images, write_brick  # noqa: E402
+from test_readers import SIZE, H, W, write_brick  # noqa: E402
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from nsdzarr import loader as loader_module  # noqa: E402
 from nsdzarr.errors import InputError  # noqa: E402
 from nsdzarr.loader import BetasDataset, collate  # noqa: E402
+from nsdzarr.stimuli import convert_stimuli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def shown_ids(root: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def images(root: Path, brick: np.ndarray) -> Path:
     source = root / "stimuli" / "nsd_stimuli.hdf5"
-    return convert_images(source, root / "stimuli" / "images.zarr", shown_ids(root))
+    target = root / "stimuli" / "images.zarr"
+    convert_stimuli(source, target, nsd_ids=shown_ids(root), sizes=(SIZE,))
+    return target
 
 
 def nchw(brick: np.ndarray, nsd_id) -> np.ndarray:
@@ -90,6 +93,9 @@ def test_items_and_batches_carry_their_image(stores: list[Path], images: Path, b
     assert torch.equal(slow["image"], fast["image"]) and torch.equal(slow["betas"], fast["betas"])
     check_batch(ds[:], brick)
     assert "image" not in plain[0]
+    threads = BetasDataset(stores[0], split="all", images=images, decode_threads=2)
+    assert torch.equal(threads[idx]["image"], fast["image"])
+    threads.close()
 
 
 def test_resized_images(stores: list[Path], images: Path, brick: np.ndarray):
@@ -140,12 +146,9 @@ def test_missing_ids_are_refused_at_construction(
     root: Path, stores: list[Path], brick: np.ndarray, tmp_path: Path
 ):
     needed = BetasDataset(stores[0], split="test")[:]["nsd_id"].numpy()  # in item order
-    partial = convert_images(
-        root / "stimuli" / "nsd_stimuli.hdf5",
-        tmp_path / "partial.zarr",
-        np.setdiff1d(needed, needed[[3, 10]]),
-        sizes=(),
-    )
+    partial = tmp_path / "partial.zarr"
+    source = root / "stimuli" / "nsd_stimuli.hdf5"
+    convert_stimuli(source, partial, nsd_ids=np.setdiff1d(needed, needed[[3, 10]]))
     with pytest.raises(InputError) as e:
         BetasDataset(stores[0], split="test", images=partial)
     msg = str(e.value)
@@ -205,6 +208,9 @@ def test_persistent_workers_keep_fds_and_memory_flat_with_images(
         n = 0
         for batch in loader:
             check_batch(batch, brick)
+            # the images came in the batch's slot, right after the betas (not torch's path)
+            betas_bytes = -(-batch["betas"].numel() * 4 // 64) * 64
+            assert batch["image"].data_ptr() - batch["betas"].data_ptr() == betas_bytes
             n += len(batch["nsd_id"])
         assert n == len(ds)
         fds.append(worker_fds(tmp_path, stores[0]))

@@ -1,7 +1,7 @@
 """nsdzarr.readers (numpy, no torch): image and ROI rows against zarr-python and the sources.
 
-The image store is written by the pipeline's own converter from a real HDF5 ``imgBrick``
-with H != W (10 x 7), random pixels so that every row, and every axis order, differ.
+The image store is written by the pipeline's own converter (``stimuli.convert_stimuli``) from a
+real HDF5 ``imgBrick`` with H != W (10 x 7), random pixels so that rows and axis orders differ.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from nsdzarr.demo import N_NSD_IMAGES
 from nsdzarr.errors import InputError
 from nsdzarr.readers import ImageReader, RoiReader
 from nsdzarr.row_reader import ShardRows
+from nsdzarr.stimuli import convert_stimuli
+from nsdzarr.storage import StimuliStorage
 from nsdzarr.zarr_v3 import parse_layout
 
 H, W = 10, 7
@@ -39,31 +41,6 @@ def write_brick(path: Path, n: int = N_NSD_IMAGES, seed: int = 5) -> np.ndarray:
     return brick
 
 
-def convert_images(source: Path, target: Path, nsd_ids, sizes=(SIZE,), settings=None) -> Path:
-    """TEMPORARY stand-in for nsdzarr.stimuli.convert_stimuli (replaced once it lands)."""
-    with h5py.File(source, "r") as f:
-        brick = f["imgBrick"][...]
-    ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
-    group = zarr.open_group(target, mode="w", zarr_format=3)
-    from PIL import Image
-
-    def put(name, data):
-        arr = group.create_array(
-            name, shape=data.shape, dtype=np.uint8, chunks=(1, *data.shape[1:]),
-            shards=(min(50, len(data)), *data.shape[1:]),
-            compressors=BloscCodec(cname="lz4", clevel=5),
-        )  # fmt: skip
-        arr[...] = data
-
-    put("images", brick[ids])
-    for s in sizes:
-        small = np.stack([np.asarray(Image.fromarray(im).resize((s, s))) for im in brick[ids]])
-        put(f"images_{s}", small)
-    group.create_array("nsd_id", data=ids, compressors=None)
-    group.attrs.update({"source": str(source), "source_shape": list(brick.shape)})
-    return target
-
-
 @pytest.fixture(scope="module")
 def brick_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("stimuli") / "nsd_stimuli.hdf5"
@@ -77,10 +54,14 @@ def brick(brick_file: Path) -> np.ndarray:
         return f["imgBrick"][...]
 
 
-@pytest.fixture(scope="module")
-def image_store(brick_file: Path) -> Path:
+@pytest.fixture(scope="module", params=["none", "blosc-lz4", "zstd"])
+def image_store(brick_file: Path, request) -> Path:
+    """230 images converted by the pipeline's writer, raw or compressed, with images_4."""
     ids = np.random.default_rng(2).choice(N_NSD_IMAGES, 230, replace=False)
-    return convert_images(brick_file, brick_file.parent / "some.zarr", ids)
+    target = brick_file.parent / f"some-{request.param}.zarr"
+    settings = StimuliStorage(codec=request.param, level=1)
+    convert_stimuli(brick_file, target, nsd_ids=ids, sizes=(SIZE,), settings=settings)
+    return target
 
 
 # --------------------------------------------------------------------------- row reader
@@ -120,6 +101,12 @@ def test_image_reader_equals_zarr_python_and_the_brick(image_store: Path, brick:
     ids = group["nsd_id"][...]
     reader = ImageReader(image_store)
     assert reader.info.layout is not None  # the one-read-per-batch path
+    assert (
+        reader.info.layout.codec
+        == {"none": None, "blosc-lz4": "blosc", "zstd": "zstd"}[
+            zarr.open_group(image_store, mode="r").attrs["storage"]["codec"]
+        ]
+    )
     np.testing.assert_array_equal(reader.nsd_id, ids)
     assert reader.shape == (len(ids), H, W, 3) and len(reader) == len(ids)
     pick = ids[np.random.default_rng(0).integers(0, len(ids), 40)]
@@ -139,6 +126,25 @@ def test_image_reader_equals_zarr_python_and_the_brick(image_store: Path, brick:
     with pytest.raises(IndexError):
         reader.rows([len(ids)])
     reader.close()
+
+
+def test_image_reader_falls_back_to_zarr_python(brick: np.ndarray, tmp_path: Path):
+    """A codec the fast path does not decode (gzip, not written by the pipeline)."""
+    from zarr.codecs import GzipCodec
+
+    ids = np.arange(3, 300, 3)
+    group = zarr.open_group(tmp_path / "gz.zarr", mode="w", zarr_format=3)
+    group.create_array("nsd_id", data=ids)
+    group.create_array(
+        "images",
+        data=brick[ids],
+        chunks=(1, H, W, 3),
+        shards=(50, H, W, 3),
+        compressors=GzipCodec(),
+    )
+    reader = ImageReader(tmp_path / "gz.zarr")
+    assert reader.info.layout is None
+    np.testing.assert_array_equal(reader.read([9, 3, 9, 297]), brick[[9, 3, 9, 297]])
 
 
 def test_image_reader_errors_are_one_line(image_store: Path):

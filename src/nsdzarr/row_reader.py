@@ -23,6 +23,7 @@ from nsdzarr.zarr_v3 import EMPTY, ArrayLayout, Decoder, index_nbytes, parse_sha
 
 COALESCE_GAP = 64 * 1024  # one read for chunks this close in one shard file
 COALESCE_MAX = 16 * 2**20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 def whole_rows(layout: ArrayLayout) -> bool:
@@ -167,9 +168,18 @@ class ShardRows:
         chunk_buf = np.empty((r, *out.shape[1:]), dtype=out.dtype) if r > 1 else out[:1]
         row_bytes, out_addr = out.strides[0], out.ctypes.data
         chunk_addr, n = chunk_buf.ctypes.data, chunk_buf.nbytes
+        # raw chunks of one row: read straight into the rows (images: no second copy)
+        raw_rows = dec.codec is None and r == 1 and len(out) > 0
+        out_mv = memoryview(out.reshape(-1).view(np.uint8)) if raw_rows else None
         for o, start, stop, chunks, fd in runs:
-            if buf is None or len(view) < stop - start:
+            if buf is None or (len(view) < stop - start and not raw_rows):
                 buf = np.empty(max(stop - start, 1 << 20), dtype=np.uint8)
+                view, buf_addr = memoryview(buf), buf.ctypes.data
+                self._local.buf = (buf, view, buf_addr)
+            if raw_rows and self._read_into_rows(o, fd, start, stop, chunks, out_mv, n, view):
+                continue
+            if len(view) < stop - start:
+                buf = np.empty(stop - start, dtype=np.uint8)
                 view, buf_addr = memoryview(buf), buf.ctypes.data
                 self._local.buf = (buf, view, buf_addr)
             if os.preadv(fd, [view[: stop - start]], start) != stop - start:
@@ -193,6 +203,31 @@ class ShardRows:
                 elif len(dests) > 1:  # the same row asked more than once
                     for j, _ in dests[1:]:
                         out[j] = out[j0]
+
+    def _read_into_rows(
+        self, o: int, fd: int, start: int, stop: int, chunks: list, out: Any, n: int, junk: Any
+    ) -> bool:
+        """One ``preadv`` of a run of raw one-row chunks into their rows of ``out`` (flat
+        bytes, rows of ``n``), the gaps into ``junk``; False (nothing read) when the run does
+        not fit that plan."""
+        if 2 * len(chunks) > IOV_MAX:
+            return False
+        iov, pos = [], start
+        for f, nbytes, dests in chunks:
+            if nbytes != n or f < pos or f - pos > len(junk):
+                return False  # the buffered path reports a damaged chunk
+            if f > pos:
+                iov.append(junk[: f - pos])
+            j0 = dests[0][0]
+            iov.append(out[j0 * n : (j0 + 1) * n])
+            pos = f + nbytes
+        if os.preadv(fd, iov, start) != stop - start:
+            raise InputError(self.paths[o], "shard file shorter than its index; corrupt")
+        for _, _, dests in chunks:
+            j0 = dests[0][0]
+            for j, _ in dests[1:]:  # the same row asked more than once
+                out[j * n : (j + 1) * n] = out[j0 * n : (j0 + 1) * n]
+        return True
 
 
 class ZarrRows:

@@ -212,34 +212,30 @@ def _write_shard(
 
 
 def verify_images(
-    store: Path,
-    target: Path,
-    ios: dict[str, ShardIO],
+    store: str | os.PathLike[str],
     expected: dict[str, np.ndarray],
     ids: np.ndarray,
     pool: ThreadPoolExecutor,
+    target: str | os.PathLike[str] | None = None,
 ) -> None:
     """Re-read every shard of the finished store (zarr_v3's decoder where it reads the layout,
     zarr-python otherwise) and compare each image's CRC32C; zarr-python re-reads the first and
     last image of each array, so a store only our reader understands fails too."""
+    store = Path(store)
     group = zarr.open_group(store, mode="r", zarr_format=3)
 
     def fail(name: str, row: int, why: str) -> VerificationError:
         return VerificationError(
-            target, f"array {name!r} {why} at nsd_id {int(ids[row])} (row {row})"
+            target or store, f"array {name!r} {why} at nsd_id {int(ids[row])} (row {row})"
         )
 
     for name, sums in expected.items():
-        io = ios[name]
-
-        def check(block: tuple[int, int], io: ShardIO = io, name: str = name) -> np.ndarray:
+        io = ShardIO(group[name], store, pool)  # decodes each shard's chunks on the pool
+        for b0, b1 in trial_blocks(len(sums), io.arr.shards[0]):
             try:
-                return image_checksums(io.read(*block))
+                got = image_checksums(io.read(b0, b1))
             except Exception as err:  # any codec or index error means the bytes on disk are bad
-                raise fail(name, block[0], f"unreadable ({err})") from None
-
-        blocks = trial_blocks(len(sums), io.arr.shards[0])
-        for (b0, b1), got in zip(blocks, pool.map(check, blocks), strict=True):
+                raise fail(name, b0, f"unreadable ({err})") from None
             bad = np.flatnonzero(got != sums[b0:b1])
             if bad.size:
                 raise fail(name, b0 + int(bad[0]), "differs from its source")
@@ -333,7 +329,7 @@ def convert_stimuli(
             del buf, rows, shard
             collect(0)
             t_write = time.perf_counter()
-            verify_images(tmp, target, ios, sums, ids, pool)
+            verify_images(tmp, sums, ids, codec_pool, target)
             verify_s = time.perf_counter() - t_write
             group.create_array(
                 "nsd_id", data=ids, compressors=None, dimension_names=("image",), chunks=(n,)
