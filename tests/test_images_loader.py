@@ -8,6 +8,7 @@ shape or the values), holding every image the two subjects' trials show.
 from __future__ import annotations
 
 import functools
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,13 @@ def images(root: Path, brick: np.ndarray) -> Path:
     target = root / "stimuli" / "images.zarr"
     convert_stimuli(source, target, nsd_ids=shown_ids(root), sizes=(SIZE,))
     return target
+
+
+@pytest.fixture(autouse=True)
+def collected():
+    """Collect earlier tests' datasets first: one caught in a traceback cycle (pytest.raises
+    keeps the test's frame) holds its files open until then, and forked workers inherit them."""
+    gc.collect()
 
 
 def nchw(brick: np.ndarray, nsd_id) -> np.ndarray:

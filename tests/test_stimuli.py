@@ -20,7 +20,8 @@ from PIL import Image
 from nsdzarr import layout
 from nsdzarr.demo import demo_stimulus_id, write_demo_stimuli
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.memory import stimuli_peak
+from nsdzarr.estimate import stimuli_estimate, write_stimuli_estimate
+from nsdzarr.memory import DEFAULT_STIMULI_BUDGET_BYTES, request_mb, stimuli_peak
 from nsdzarr.stimuli import (
     LAYOUT,
     convert_stimuli,
@@ -257,6 +258,11 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, dict, str]]:
         {},
         r"shape \(.*\), expected \(N, H, W, 3\)",
     )
+    cases["empty"] = (
+        write_brick(tmp / "e.hdf5", np.zeros((0, 7, 5, 3), np.uint8)),
+        {},
+        "no images",
+    )
     cases["float"] = (write_brick(tmp / "f.hdf5", good.astype(np.float32)), {}, "expected uint8")
     cases["uint16"] = (write_brick(tmp / "u16.hdf5", good.astype(np.uint16)), {}, "uint8")
     cases["id too large"] = (full, {"nsd_ids": [0, 6]}, "6 images .* nsd_id 6 was asked")
@@ -267,7 +273,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[Path, dict, str]]:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "not hdf5", "truncated", "corrupt data", "no imgBrick", "3-D", "RGBA",
+    ["missing", "not hdf5", "truncated", "corrupt data", "no imgBrick", "3-D", "RGBA", "empty",
      "float", "uint16", "id too large", "negative id", "no ids"],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tmp_path: Path, case: str):
@@ -281,7 +287,7 @@ def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tmp_path: Path
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"{path}: ")
     assert list(out.iterdir()) == []
-    if case not in ("id too large", "negative id", "no ids", "corrupt data"):
+    if case not in ("id too large", "negative id", "no ids", "corrupt data", "empty"):
         with pytest.raises(InputError, match=problem):
             stimuli_metadata(path)
 
@@ -328,6 +334,8 @@ def test_demo_brick_is_the_full_nsd_range_and_deterministic(tmp_path: Path):
         assert d.chunks == (100, 8, 6, 3)
         rows = d[[0, 255, 256, 65536, 72999]]
         assert [demo_stimulus_id(r) for r in rows] == [0, 255, 256, 65536, 72999]
+        np.testing.assert_array_equal(rows[:, 0, 1], rows[:, 0, 0, ::-1])
+        np.testing.assert_array_equal(rows[:, 7, 5], [[8, 6, 255]] * 5)
         np.testing.assert_array_equal(g["imgBrick"][:], d[:1500])
         assert not np.array_equal(o["imgBrick"][:], d[:1500])
         assert [demo_stimulus_id(r) for r in o["imgBrick"][[5, 1499]]] == [5, 1499]
@@ -359,3 +367,42 @@ print(json.dumps([r["n_images"], resource.getrusage(resource.RUSAGE_SELF).ru_max
     predicted = stimuli_peak((n, h, w, 3), n, per_shard, (64,), budget, 10)
     assert peak < 0.6 * brick, (peak, brick)
     assert peak <= predicted, (peak, predicted)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_estimate_predicts_the_store_it_describes(tmp_path: Path, codec: str):
+    data = source_images(230, 12, 9)
+    src = write_brick(tmp_path / "stim.hdf5", data, chunks="10", compression="gzip")
+    trials = tmp_path / "trials.tsv"
+    write_tsv({"trial": np.arange(5), "nsd_id": np.array([9, 3, 200, 3, 101])}, trials)
+    settings = StimuliStorage(codec=codec, images_per_shard=20)
+    for tsvs, n in ((None, 230), ([trials], 4)):
+        target = tmp_path / "est.json"
+        est = write_stimuli_estimate(src, target, tsvs, (16,), settings, None, 1.5)
+        assert json.loads(target.read_text()) == json.loads(json.dumps(est))
+        report = convert_stimuli(
+            src, tmp_path / "s.zarr", None if tsvs is None else ids_from_trials(tsvs),
+            (16,), settings,
+        )  # fmt: skip
+        assert est["n_images"] == report["n_images"] == n
+        assert est["store_files"] == report["files"]
+        assert abs(est["store_bytes"] - report["bytes"]) <= 0.02 * report["bytes"] + 1024
+        job = est["jobs"]["stimuli"]
+        assert job["peak_bytes"] == report["predicted_peak_bytes"]
+        assert job["mem_mb"] == request_mb(job["peak_bytes"], 1.5)
+        assert job["runtime_min"] >= 1
+        assert est["source"]["shape"] == [230, 12, 9, 3]
+        assert est["subset"] == ("all" if tsvs is None else "ids")
+
+
+def test_estimate_fits_a_ceiling_by_reading_smaller_blocks():
+    meta = {"path": "nsd_stimuli.hdf5", "shape": [73000, 425, 425, 3], "chunks": None}
+    free = stimuli_estimate(meta, 73000, (224,))
+    capped = stimuli_estimate(meta, 73000, (224,), ceiling_mb=700)
+    assert free["jobs"]["stimuli"]["budget_bytes"] == DEFAULT_STIMULI_BUDGET_BYTES
+    assert capped["jobs"]["stimuli"]["budget_bytes"] < DEFAULT_STIMULI_BUDGET_BYTES
+    assert capped["jobs"]["stimuli"]["mem_mb"] <= 700 < free["jobs"]["stimuli"]["mem_mb"]
+    assert free["raw_bytes"] == 73000 * 425 * 425 * 3
+    assert free["store_files"] == 2 * 1460 + 7
+    with pytest.raises(InputError, match=r"nsd_stimuli\.hdf5: memory\.ceiling_mb 400 is below"):
+        stimuli_estimate(meta, 73000, (224,), ceiling_mb=400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,19 @@ from nsdzarr.memory import (
     plan_conversion,
     request_mb,
     roi_session_peak,
+    stimuli_peak,
+    stimuli_read_budget,
 )
 from nsdzarr.nifti import load_nifti
 from nsdzarr.resources import SAMPLE_PLANES
-from nsdzarr.storage import StorageSettings, numcodecs_compressor, trial_blocks
+from nsdzarr.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
+from nsdzarr.storage import (
+    STIMULI_STORAGE,
+    StimuliStorage,
+    StorageSettings,
+    numcodecs_compressor,
+    trial_blocks,
+)
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.
@@ -33,6 +43,14 @@ STORE_EXTRA_FILES = 4
 # Conservative conversion throughput of source bytes (read + encode + verify) for runtime requests.
 CONVERT_BYTES_PER_S = 40 * MB
 MIN_RUNTIME_MIN = 5
+# Pillow LANCZOS resize: ~24 ns of CPU per source pixel here (425 x 425 -> 224: 4.4 ms), x3.
+RESIZE_S_PER_PIXEL = 75e-9
+# zarr.json sizes in a stimulus store: the group's (with attributes) or an image array's, and
+# a 1-D array's (nsd_id, checksums), rounded up.
+STIMULI_METADATA_BYTES = 1100
+STIMULI_METADATA_1D_BYTES = 600
+# Images sampled for the compression ratio of a compressed stimulus store.
+STIMULI_SAMPLE_IMAGES = 16
 
 
 def sample_compression_ratio(path: str | os.PathLike[str], settings: StorageSettings) -> float:
@@ -144,3 +162,107 @@ def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None
     """Voxels an ROI selects, counted leniently (the ROI job itself checks the mask)."""
     values = np.asarray(load_nifti(mask_path).dataobj)
     return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())
+
+
+def stimuli_estimate(
+    meta: dict[str, Any],
+    n_images: int,
+    sizes: tuple[int, ...] | list[int] = (),
+    settings: StimuliStorage | None = None,
+    ceiling_mb: int | None = None,
+    factor: float = 1.0,
+    compression_ratio: float = 1.0,
+) -> dict[str, Any]:
+    """Size, files, peak memory and runtime of the stimulus store of ``n_images`` rows."""
+    settings = settings or STIMULI_STORAGE
+    shape = tuple(meta["shape"])
+    chunk_rows = meta["chunks"][0] if meta.get("chunks") else 1
+    sizes = sorted({int(s) for s in sizes})
+    per_shard = settings.images_per_shard
+    limit = budget_bytes(ceiling_mb)
+    codec = settings.codec
+    read_budget = stimuli_read_budget(shape, n_images, per_shard, sizes, chunk_rows, limit, codec)
+    peak = stimuli_peak(shape, n_images, per_shard, sizes, read_budget, chunk_rows, codec)
+    if ceiling_mb and request_mb(peak) > ceiling_mb:
+        raise InputError(
+            meta["path"],
+            f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(peak)} MB "
+            "the stimulus store needs even with one chunk of the file read at a time",
+        )
+    row = math.prod(shape[1:])
+    raw = n_images * row
+    raw_resized = n_images * sum(s * s * shape[-1] for s in sizes)
+    n_shards = len(trial_blocks(n_images, per_shard))
+    index = n_shards * (16 * min(per_shard, n_images) + 4)  # per shard, per array
+    arrays = 1 + len(sizes)
+    seconds = 3 * raw / CONVERT_BYTES_PER_S + n_images * len(sizes) * (
+        shape[1] * shape[2] * RESIZE_S_PER_PIXEL
+    )
+    return {
+        "source": meta,
+        "n_images": n_images,
+        "sizes": sizes,
+        "storage": asdict(settings),
+        "raw_bytes": raw,
+        "resized_bytes": raw_resized,
+        "compression_ratio": round(compression_ratio, 4),
+        "store_bytes": int((raw + raw_resized) / compression_ratio)
+        + arrays * index
+        + n_images * 12  # nsd_id and checksums
+        + (arrays + 1) * STIMULI_METADATA_BYTES
+        + 2 * STIMULI_METADATA_1D_BYTES,
+        # shards of each image array; group + array metadata; nsd_id and checksums chunks
+        "store_files": arrays * n_shards + 1 + arrays + 4,
+        "jobs": {
+            "stimuli": {
+                "budget_bytes": read_budget,
+                "peak_bytes": peak,
+                "mem_mb": request_mb(peak, factor),
+                "runtime_min": max(MIN_RUNTIME_MIN, math.ceil(seconds / 60)),
+            }
+        },
+        "model": {
+            "snakemake_job_bytes": SNAKEMAKE_JOB_BYTES,
+            "factor": factor,
+            "ceiling_mb": ceiling_mb,
+        },
+    }
+
+
+def stimuli_compression_ratio(path: str | os.PathLike[str], settings: StimuliStorage) -> float:
+    """Raw/compressed ratio of the configured codec on a few evenly spaced images (1 if raw)."""
+    codec = numcodecs_compressor(settings, 1)
+    if codec is None:
+        return 1.0
+    raw = compressed = 0
+    with open_stimuli(path) as dset:
+        n = dset.shape[0]
+        for i in np.unique(np.linspace(0, n - 1, min(STIMULI_SAMPLE_IMAGES, n)).round()):
+            img = np.ascontiguousarray(dset[int(i)])
+            raw += img.nbytes
+            compressed += len(codec.encode(img))
+    return raw / max(compressed, 1)
+
+
+def write_stimuli_estimate(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    trials_tsvs: list[str | os.PathLike[str]] | None = None,
+    sizes: tuple[int, ...] | list[int] = (),
+    settings: StimuliStorage | None = None,
+    ceiling_mb: int | None = None,
+    factor: float = 1.0,
+) -> dict[str, Any]:
+    """Estimate the stimulus job (all rows, or the ids of ``trials_tsvs``) and write the JSON
+    atomically."""
+    settings = settings or STIMULI_STORAGE
+    meta = stimuli_metadata(source)
+    n_rows = meta["shape"][0]
+    ids = None if trials_tsvs is None else ids_from_trials(trials_tsvs)
+    n_images = len(select_ids(source, ids, n_rows))
+    ratio = stimuli_compression_ratio(source, settings)
+    estimate = stimuli_estimate(meta, n_images, sizes, settings, ceiling_mb, factor, ratio)
+    estimate["subset"] = "all" if ids is None else "ids"
+    with atomic_output(target) as tmp:
+        Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")
+    return estimate

@@ -108,6 +108,24 @@ def roi_session_peak(
 # least one chunk of the file), and this many shards are encoded at once beside the one filling.
 DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB
 STIMULI_SHARDS_IN_FLIGHT = 2
+# Bytes held per in-flight shard byte while it is encoded and written (the stimulus analogue of
+# SHARD_WORK_FACTOR), fitted on 2,000 425 x 425 images (benchmarks/stimuli.py): our raw and zstd
+# shard writer copies little; zarr-python (Blosc) holds chunk buffers and the assembled shard.
+STIMULI_SHARD_WORK = {"none": 0.9, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
+
+
+def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None) -> int:
+    """Rows per read: a multiple of the file's chunk rows within the budget (one chunk at least)."""
+    budget = budget_bytes or DEFAULT_STIMULI_BUDGET_BYTES
+    return max(1, budget // (row_bytes * chunk_rows)) * chunk_rows
+
+
+def _stimuli_read_block(
+    shape: tuple[int, ...], n_images: int, budget_bytes: int | None, chunk_rows: int
+) -> int:
+    row = math.prod(shape[1:])
+    rows = stimuli_block_rows(row, chunk_rows, budget_bytes)
+    return min(rows, shape[0], -(-n_images // chunk_rows) * chunk_rows) * row
 
 
 def stimuli_peak(
@@ -117,19 +135,34 @@ def stimuli_peak(
     sizes: tuple[int, ...] | list[int] = (),
     budget_bytes: int | None = None,
     chunk_rows: int = 1,
+    codec: str = "none",
 ) -> int:
     """Peak RSS of converting ``n_images`` rows of an ``(N, H, W, 3)`` uint8 brick."""
-    n_rows = shape[0]
     row = math.prod(shape[1:])
-    budget = budget_bytes or DEFAULT_STIMULI_BUDGET_BYTES
-    block_rows = max(1, budget // (row * chunk_rows)) * chunk_rows
-    read_block = min(block_rows, n_rows, -(-n_images // chunk_rows) * chunk_rows) * row
-    shard_rows = min(images_per_shard, n_images)
-    shard = shard_rows * (row + sum(s * s * shape[-1] for s in sizes))
+    shard = min(images_per_shard, n_images) * (row + sum(s * s * shape[-1] for s in sizes))
     return (
         BASELINE_BYTES
         + n_images * 16  # ids and checksums
-        + read_block
+        + _stimuli_read_block(shape, n_images, budget_bytes, chunk_rows)
         + 2 * shard  # the shard being filled and one queued
-        + int(SHARD_WORK_FACTOR * STIMULI_SHARDS_IN_FLIGHT * shard)
+        + int(STIMULI_SHARD_WORK[codec] * STIMULI_SHARDS_IN_FLIGHT * shard)
     )
+
+
+def stimuli_read_budget(
+    shape: tuple[int, ...],
+    n_images: int,
+    images_per_shard: int,
+    sizes: tuple[int, ...] | list[int] = (),
+    chunk_rows: int = 1,
+    limit_bytes: int | None = None,
+    codec: str = "none",
+) -> int:
+    """The read budget of the stimulus job: the default, or less so that its predicted peak
+    fits ``limit_bytes`` (never below one chunk-row block of the file)."""
+    if limit_bytes is None:
+        return DEFAULT_STIMULI_BUDGET_BYTES
+    fixed = stimuli_peak(shape, n_images, images_per_shard, sizes, 1, chunk_rows, codec)
+    fixed -= _stimuli_read_block(shape, n_images, 1, chunk_rows)
+    one_chunk = chunk_rows * math.prod(shape[1:])
+    return max(one_chunk, min(DEFAULT_STIMULI_BUDGET_BYTES, limit_bytes - fixed))

@@ -33,7 +33,12 @@ from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.convert import ShardIO, source_attrs, store_stats
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.hdf5_read import _problem_opening
-from nsdzarr.memory import DEFAULT_STIMULI_BUDGET_BYTES, STIMULI_SHARDS_IN_FLIGHT, stimuli_peak
+from nsdzarr.memory import (
+    DEFAULT_STIMULI_BUDGET_BYTES,
+    STIMULI_SHARDS_IN_FLIGHT,
+    stimuli_block_rows,
+    stimuli_peak,
+)
 from nsdzarr.storage import STIMULI_STORAGE, StimuliStorage, create_image_array, trial_blocks
 
 log = logging.getLogger(__name__)
@@ -121,6 +126,8 @@ def select_ids(
     path: str | os.PathLike[str], nsd_ids: Sequence[int] | np.ndarray | None, n_rows: int
 ) -> np.ndarray:
     """The sorted unique ids to convert (all rows for None); InputError if any is not a row."""
+    if n_rows == 0:
+        raise InputError(path, f"dataset {DATASET!r} holds no images")
     if nsd_ids is None:
         return np.arange(n_rows, dtype=np.int64)
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
@@ -138,11 +145,6 @@ def select_ids(
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int) -> int:
-    """Rows per read: a multiple of the file's chunk rows within the budget (one chunk at least)."""
-    return max(1, budget_bytes // (row_bytes * chunk_rows)) * chunk_rows
 
 
 def plan_reads(
@@ -270,7 +272,7 @@ def convert_stimuli(
         n = len(ids)
         row_bytes = h * w * c
         chunk_rows = dset.chunks[0] if dset.chunks else 1
-        max_rows = block_rows(row_bytes, chunk_rows, budget)
+        max_rows = stimuli_block_rows(row_bytes, chunk_rows, budget)
         gap = 0 if dset.chunks else GAP_BYTES // row_bytes
         reads = plan_reads(ids, n_rows, chunk_rows, max_rows, gap)
         buf = np.empty((min(max_rows, max(b - a for a, b in reads)), h, w, c), np.uint8)
@@ -374,7 +376,13 @@ def convert_stimuli(
         "verify_seconds": round(verify_s, 3),
         "seconds": round(time.perf_counter() - t_start, 3),
         "predicted_peak_bytes": stimuli_peak(
-            (n_rows, h, w, c), n, settings.images_per_shard, sizes, budget, chunk_rows
+            (n_rows, h, w, c),
+            n,
+            settings.images_per_shard,
+            sizes,
+            budget,
+            chunk_rows,
+            settings.codec,
         ),
         # the process's lifetime peak (Linux reports KiB): an upper bound of this call's
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
