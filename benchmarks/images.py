@@ -28,9 +28,12 @@ Then measures, each figure beside its baseline in the same run (best of ``--roun
    image reads (``ImageReader.read``) and one sequential pass (``iter_batches(50)``).
 3. read: random batches of 32 (betas + image) per second at 425 and 224, one process and
    DataLoader(2 workers, persistent): ours (``BetasDataset(images=..)``), h5py kept open
-   (a Dataset holding ``imgBrick`` and ``betas.h5`` open per process, sorted-id reads, Pillow
-   BILINEAR resize at 224), JPEG tar (indexed ``pread`` + Pillow decode, betas from h5py),
-   the ``webdataset`` package's own sequential pipeline (images only), numpy arrays in RAM.
+   (a Dataset holding ``imgBrick`` and ``betas.h5`` open per process, sorted unique ids,
+   one ``read_direct`` per image, Pillow BILINEAR resize at 224; h5py's own fancy index
+   ``imgBrick[sorted ids]`` is a row of its own, one batch timed: it takes seconds), JPEG tar
+   (indexed ``pread`` + Pillow decode, betas from h5py; at 224 pre-resized JPEGs, and 425
+   decode + resize as a row), the ``webdataset`` package's own sequential pipeline (images
+   only), numpy arrays in RAM (the limit). Ratios are to h5py kept open at the same size.
 
 Prints one table (markdown) and the targets.
 """
