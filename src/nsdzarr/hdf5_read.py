@@ -48,18 +48,23 @@ def _problem_opening(path: Path) -> str | None:
     return None
 
 
+def open_hdf5(path: str | os.PathLike[str]) -> h5py.File:
+    """``path`` opened read-only; InputError (one line) if missing, unreadable or not HDF5."""
+    problem = _problem_opening(Path(path))
+    if problem:
+        raise InputError(path, problem)
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(path, f"cannot open as HDF5 (truncated or corrupt?): {e}") from None
+
+
 def open_betas(
     path: str | os.PathLike[str], dataset: str = "betas"
 ) -> tuple[h5py.File, h5py.Dataset]:
     """Open ``path`` read-only and return ``(file, dataset)``; raise InputError if unusable."""
     path = Path(path)
-    problem = _problem_opening(path)
-    if problem:
-        raise InputError(path, problem)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(path, f"cannot open as HDF5 (truncated or corrupt?): {e}") from None
+    f = open_hdf5(path)
     try:
         obj = f.get(dataset)
         if not isinstance(obj, h5py.Dataset):

@@ -33,7 +33,7 @@ from nsdzarr import __version__
 from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.convert import ShardIO, source_attrs, store_stats
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.hdf5_read import _problem_opening
+from nsdzarr.hdf5_read import open_hdf5
 from nsdzarr.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
@@ -60,13 +60,7 @@ GAP_BYTES = 4 << 20
 def open_stimuli(path: str | os.PathLike[str]) -> Iterator[h5py.Dataset]:
     """Yield the checked ``imgBrick`` dataset of ``path``; InputError (one line) if unusable."""
     path = Path(path)
-    problem = _problem_opening(path)
-    if problem:
-        raise InputError(path, problem)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(path, f"cannot open as HDF5 (truncated or corrupt?): {e}") from None
+    f = open_hdf5(path)
     try:
         try:
             obj = f.get(DATASET)

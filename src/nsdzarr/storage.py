@@ -17,6 +17,14 @@ IMAGE_CODECS = ("none", *CODECS)
 SHUFFLES = {"shuffle": 1, "bitshuffle": 2, "noshuffle": 0}
 
 
+def check_codec(codec: str, shuffle: str) -> None:
+    """ValueError unless ``codec`` and ``shuffle`` name a known compressor and pre-filter."""
+    if codec not in IMAGE_CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(IMAGE_CODECS)}")
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"unknown shuffle {shuffle!r}; choose one of {', '.join(SHUFFLES)}")
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """Codec and trial blocking of a store; mirrors the ``storage`` config section."""
@@ -28,14 +36,7 @@ class StorageSettings:
     trials_per_shard: int = 50
 
     def __post_init__(self) -> None:
-        if self.codec not in IMAGE_CODECS:
-            raise ValueError(
-                f"unknown codec {self.codec!r}; choose one of {', '.join(IMAGE_CODECS)}"
-            )
-        if self.shuffle not in SHUFFLES:
-            raise ValueError(
-                f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}"
-            )
+        check_codec(self.codec, self.shuffle)
         if self.trials_per_shard % self.trials_per_chunk:
             raise ValueError("trials_per_chunk must divide trials_per_shard")
 
@@ -61,14 +62,7 @@ class StimuliStorage:
     images_per_shard: int = 50
 
     def __post_init__(self) -> None:
-        if self.codec not in IMAGE_CODECS:
-            raise ValueError(
-                f"unknown codec {self.codec!r}; choose one of {', '.join(IMAGE_CODECS)}"
-            )
-        if self.shuffle not in SHUFFLES:
-            raise ValueError(
-                f"unknown shuffle {self.shuffle!r}; choose one of {', '.join(SHUFFLES)}"
-            )
+        check_codec(self.codec, self.shuffle)
         if self.images_per_shard < 1:
             raise ValueError("images_per_shard must be at least 1")
 
