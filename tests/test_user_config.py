@@ -90,13 +90,13 @@ def test_minimal_config_builds_exactly_what_it_names(minimal_run):
         if p.parent.name != "benchmarks"
     )
     assert made == [
+        "stimuli/estimate.json",  # the release has nsd_stimuli.hdf5: stimuli.enabled is auto
+        "stimuli/images.zarr",
         "subj01/betas",
         "subj01/estimates",
         "subj01/images.tsv",
         "subj01/trials.json",
         "subj01/trials.tsv",
-        "stimuli/estimate.json",  # the release has nsd_stimuli.hdf5: stimuli.enabled is auto
-        "stimuli/images.zarr",
         "summary/estimates.md",
         "summary/estimates.tsv",
         "summary/memory_requested_vs_measured.png",
