@@ -165,19 +165,16 @@ def build_images(data: Path, n: int) -> None:
 
 def build_betas(data: Path, sessions: int, n_images: int) -> None:
     """The ROI store (project functions, ROI default codec), its HDF5 twin, the trials table."""
-    import h5py
     import scipy.io
-    import zarr
+    from loader import write_random_betas  # benchmarks/loader.py: the same ROI store and twin
 
     from nsdzarr.atomic import atomic_output
     from nsdzarr.demo import make_design
     from nsdzarr.roi import roi_settings
-    from nsdzarr.storage import create_trial_array
     from nsdzarr.trials import write_trial_tables
 
     subj = data / "subj01"
     store, h5, tsv = subj / "roi" / "nsdgeneral.zarr", data / "betas.h5", subj / "trials.tsv"
-    n_trials = sessions * PER_SESSION
     if not tsv.exists():
         subj.mkdir(parents=True, exist_ok=True)
         scipy.io.savemat(data / "nsd_expdesign.mat", make_design(0), format="5")
@@ -203,26 +200,7 @@ def build_betas(data: Path, sessions: int, n_images: int) -> None:
         return
     t0 = time.perf_counter()
     print(f"building {store} and {h5} ...", flush=True)
-    group = zarr.open_group(store, mode="w", zarr_format=3)
-    arr = create_trial_array(
-        group, "betas", (n_trials, N_VOX), np.int16, roi_settings(), ("trial", "voxel")
-    )
-    rng = np.random.default_rng(0)
-    means, stds = [], []
-    with h5py.File(h5, "w") as f:
-        d = f.create_dataset("betas", shape=(n_trials, N_VOX), dtype=np.int16)  # contiguous
-        for s in range(sessions):
-            block = np.round(rng.standard_normal((PER_SESSION, N_VOX), np.float32) * 300)
-            block = block.astype(np.int16)
-            sl = slice(s * PER_SESSION, (s + 1) * PER_SESSION)
-            arr[sl] = block
-            d[sl] = block
-            means.append(block.mean(axis=0, dtype=np.float64).astype(np.float32))
-            stds.append(block.std(axis=0, dtype=np.float64).astype(np.float32))
-    group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
-    group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
-    group.create_array("voxels", data=np.zeros((N_VOX, 3), np.int32))
-    group.attrs.update({"sessions": list(range(1, sessions + 1)), "scale": 300})
+    write_random_betas(store, h5, sessions, roi_settings())
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
 

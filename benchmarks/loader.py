@@ -43,15 +43,44 @@ BATCH = 32
 # --------------------------------------------------------------------------- data
 
 
+def write_random_betas(store: Path, h5: Path, sessions: int, settings) -> None:
+    """A seeded (sessions x 750, N_VOX) int16 ROI store laid out by the project's own
+    functions, with its per-session statistics, and its contiguous HDF5 twin."""
+    import h5py
+    import zarr
+
+    from nsdzarr.storage import create_trial_array
+
+    n_trials = sessions * PER_SESSION
+    group = zarr.open_group(store, mode="w", zarr_format=3)
+    arr = create_trial_array(
+        group, "betas", (n_trials, N_VOX), np.int16, settings, ("trial", "voxel")
+    )
+    rng = np.random.default_rng(0)
+    means, stds = [], []
+    with h5py.File(h5, "w") as f:
+        d = f.create_dataset("betas", shape=(n_trials, N_VOX), dtype=np.int16)  # contiguous
+        for s in range(sessions):
+            block = np.round(rng.standard_normal((PER_SESSION, N_VOX), np.float32) * 300)
+            block = block.astype(np.int16)
+            sl = slice(s * PER_SESSION, (s + 1) * PER_SESSION)
+            arr[sl] = block
+            d[sl] = block
+            means.append(block.mean(axis=0, dtype=np.float64).astype(np.float32))
+            stds.append(block.std(axis=0, dtype=np.float64).astype(np.float32))
+    group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
+    group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
+    group.create_array("voxels", data=np.zeros((N_VOX, 3), np.int32))
+    group.attrs.update({"sessions": list(range(1, sessions + 1)), "scale": 300})
+
+
 def build(data: Path) -> None:
     """Write the store, the trials table and the HDF5 twin (skips what exists)."""
-    import h5py
     import scipy.io
-    import zarr
 
     from nsdzarr.demo import make_design
     from nsdzarr.roi import roi_settings
-    from nsdzarr.storage import StorageSettings, create_trial_array
+    from nsdzarr.storage import StorageSettings
     from nsdzarr.trials import write_trial_tables
 
     subj = data / "subj01"
@@ -72,31 +101,7 @@ def build(data: Path) -> None:
         return
     t0 = time.perf_counter()
     print(f"building {store} and {h5} ...", flush=True)
-    group = zarr.open_group(store, mode="w", zarr_format=3)
-    arr = create_trial_array(
-        group,
-        "betas",
-        (N_TRIALS, N_VOX),
-        np.int16,
-        roi_settings(StorageSettings()),
-        ("trial", "voxel"),
-    )
-    rng = np.random.default_rng(0)
-    means, stds = [], []
-    with h5py.File(h5, "w") as f:
-        d = f.create_dataset("betas", shape=(N_TRIALS, N_VOX), dtype=np.int16)  # contiguous
-        for s in range(N_SESSIONS):
-            block = np.round(rng.standard_normal((PER_SESSION, N_VOX), np.float32) * 300)
-            block = block.astype(np.int16)
-            sl = slice(s * PER_SESSION, (s + 1) * PER_SESSION)
-            arr[sl] = block
-            d[sl] = block
-            means.append(block.mean(axis=0, dtype=np.float64).astype(np.float32))
-            stds.append(block.std(axis=0, dtype=np.float64).astype(np.float32))
-    group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
-    group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
-    group.create_array("voxels", data=np.zeros((N_VOX, 3), np.int32))
-    group.attrs.update({"sessions": list(range(1, N_SESSIONS + 1)), "scale": 300})
+    write_random_betas(store, h5, N_SESSIONS, roi_settings(StorageSettings()))
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
