@@ -96,6 +96,16 @@ def _read_trials(path: Path, n_rows: int) -> dict[str, np.ndarray]:
     return cols
 
 
+def read_group(root: Path, what: str) -> dict:
+    """The ``zarr.json`` of the store ``root`` (``what`` names it in errors): a Zarr group."""
+    if not root.is_dir():
+        raise InputError(root, f"{what} not found")
+    group = read_json(root / "zarr.json")
+    if group.get("node_type") != "group":
+        raise InputError(root / "zarr.json", f"not a Zarr group (expected an {what})")
+    return group
+
+
 def load_store_info(
     store: str | os.PathLike[str],
     subject: str,
@@ -107,11 +117,7 @@ def load_store_info(
 
     Without ``require_trials`` a missing trials table leaves ``columns`` empty."""
     root = Path(store)
-    if not root.is_dir():
-        raise InputError(root, "ROI store not found")
-    group = read_json(root / "zarr.json")
-    if group.get("node_type") != "group":
-        raise InputError(root / "zarr.json", "not a Zarr group (expected an ROI store)")
+    group = read_group(root, "ROI store")
     attrs = group.get("attributes") or {}
     meta, lay, dtype = row_layout(root / "betas")
     shape = tuple(meta.get("shape", ()))
@@ -214,11 +220,7 @@ def image_sizes(root: Path, names: list[str]) -> list[int]:
 def load_image_info(store: str | os.PathLike[str], size: int | None = None) -> ImageStoreInfo:
     """Read an image store's metadata and ``nsd_id`` (``images`` or ``images_{size}``)."""
     root = Path(store)
-    if not root.is_dir():
-        raise InputError(root, "image store not found")
-    group = read_json(root / "zarr.json")
-    if group.get("node_type") != "group":
-        raise InputError(root / "zarr.json", "not a Zarr group (expected an image store)")
+    read_group(root, "image store")
     name = "images" if size is None else f"images_{int(size)}"
     if not (root / name / "zarr.json").is_file():
         members = [p.name for p in root.iterdir() if (p / "zarr.json").is_file()]
