@@ -33,9 +33,9 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 
 from nsdzarr import memory  # noqa: E402
-from nsdzarr.demo import make_design, write_synthetic_session  # noqa: E402
-from nsdzarr.layout import design_path  # noqa: E402
-from nsdzarr.trials import write_trial_tables  # noqa: E402
+from nsdzarr.prepare.demo import make_design, write_synthetic_session  # noqa: E402
+from nsdzarr.prepare.layout import design_path  # noqa: E402
+from nsdzarr.prepare.trials import write_trial_tables  # noqa: E402
 
 MB = memory.MB
 SIZES = {"demo": (16, 24, 20), "medium": (40, 52, 40), "real": (83, 104, 81)}
@@ -96,21 +96,21 @@ def main() -> None:
             n_vox = int(mask.sum())
             jobs = {
                 "convert in-memory": (
-                    f"from nsdzarr.convert import convert_session\n"
+                    f"from nsdzarr.prepare.convert import convert_session\n"
                     f"convert_session({str(src)!r}, {str(tmp / (name + '_a.zarr'))!r}, "
                     f"strategy='in-memory', threads=2)",
                     memory.in_memory_peak(shape, 2, 50),
                 ),
                 "estimate": (
-                    f"from nsdzarr.estimate import write_session_estimate\n"
-                    f"from nsdzarr.storage import StorageSettings\n"
+                    f"from nsdzarr.prepare.estimate import write_session_estimate\n"
+                    f"from nsdzarr.prepare.storage import StorageSettings\n"
                     f"write_session_estimate({str(src)!r}, {str(tmp / (name + '.json'))!r}, "
                     f"StorageSettings(), rois={{'r': ({str(mask_path)!r}, None)}})",
                     memory.estimate_peak(shape, 2),
                 ),
                 "roi_session": (
-                    f"from nsdzarr.roi import extract_session\n"
-                    f"from nsdzarr.storage import StorageSettings\n"
+                    f"from nsdzarr.prepare.roi import extract_session\n"
+                    f"from nsdzarr.prepare.storage import StorageSettings\n"
                     f"extract_session({str(src)!r}, {str(mask_path)!r}, None, {str(trials)!r}, 1, "
                     f"{str(tmp / (name + '_roi.zarr'))!r}, StorageSettings())",
                     memory.roi_session_peak(shape, 2, n_vox, 50),
@@ -120,7 +120,7 @@ def main() -> None:
                 budget = 512 * MB
                 plan = memory.plan_conversion(shape, 2, 50, budget)
                 jobs["convert 512 MB budget"] = (
-                    f"from nsdzarr.convert import convert_session\n"
+                    f"from nsdzarr.prepare.convert import convert_session\n"
                     f"convert_session({str(src)!r}, {str(tmp / (name + '_b.zarr'))!r}, "
                     f"memory_budget_bytes={budget}, threads=2)",
                     plan.peak_bytes,
@@ -158,7 +158,7 @@ def one_mm_rows(src: Path, tmp: Path) -> list[tuple[str, str, int, int, float]]:
         plan = memory.plan_conversion(shape, 2, 50, budget)
         target = tmp / f"1mm_{ceiling}.zarr"
         code = (
-            f"from nsdzarr.convert import convert_session\n"
+            f"from nsdzarr.prepare.convert import convert_session\n"
             f"convert_session({str(src)!r}, {str(target)!r}, "
             f"memory_budget_bytes={budget}, threads=2)"
         )

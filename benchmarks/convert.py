@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 
-from nsdzarr.convert import store_stats  # noqa: E402
-from nsdzarr.demo import write_synthetic_session  # noqa: E402
+from nsdzarr.prepare.convert import store_stats  # noqa: E402
+from nsdzarr.prepare.demo import write_synthetic_session  # noqa: E402
 
 DEFAULT_SOURCE = HERE / "data" / "nsd_session_750x83x104x81.hdf5"
 MB = 1024**2
@@ -47,8 +47,8 @@ z[:] = a
 """
 
 OURS = """
-from nsdzarr.convert import convert_session
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare.convert import convert_session
+from nsdzarr.prepare.storage import StorageSettings
 t = time.perf_counter()
 convert_session(SOURCE, TARGET, StorageSettings(**SETTINGS), memory_budget_bytes=BUDGET,
                 strategy=STRATEGY, threads=2)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.prepare.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
 
 GB = 1024**3
 

@@ -119,7 +119,7 @@ def jpeg(img: np.ndarray) -> bytes:
 
 def make_sample(i: int) -> tuple[int, np.ndarray, bytes, bytes]:
     """Image ``i``, its JPEG, and the JPEG of its converter-resized 224 copy."""
-    from nsdzarr.stimuli import resize_images
+    from nsdzarr.prepare.stimuli import resize_images
 
     img = make_image(i)
     return i, img, jpeg(img), jpeg(resize_images(img[None], SMALL)[0])
@@ -135,7 +135,7 @@ def build_images(data: Path, n: int) -> None:
     """imgBrick and the two JPEG tars, generated on 2 processes in 100-image blocks."""
     import h5py
 
-    from nsdzarr.atomic import atomic_output
+    from nsdzarr.prepare.atomic import atomic_output
 
     h5, tars = data / "nsd_stimuli.hdf5", (data / "jpeg_425.tar", data / "jpeg_224.tar")
     if h5.exists() and all(t.exists() for t in tars):
@@ -168,10 +168,10 @@ def build_betas(data: Path, sessions: int, n_images: int) -> None:
     import scipy.io
     from loader import write_random_betas  # benchmarks/loader.py: the same ROI store and twin
 
-    from nsdzarr.atomic import atomic_output
-    from nsdzarr.demo import make_design
-    from nsdzarr.roi import roi_settings
-    from nsdzarr.trials import write_trial_tables
+    from nsdzarr.prepare.atomic import atomic_output
+    from nsdzarr.prepare.demo import make_design
+    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.trials import write_trial_tables
 
     subj = data / "subj01"
     store, h5, tsv = subj / "roi" / "nsdgeneral.zarr", data / "betas.h5", subj / "trials.tsv"
@@ -239,7 +239,7 @@ with h5py.File(SOURCE, "r") as f:
 
 NAIVE = """
 import h5py, zarr
-from nsdzarr.storage import STIMULI_STORAGE, zarr_compressor
+from nsdzarr.prepare.storage import STIMULI_STORAGE, zarr_compressor
 t = time.perf_counter()
 with h5py.File(SOURCE, "r") as f:
     a = f["imgBrick"][:]
@@ -248,8 +248,8 @@ zarr.create_array(TARGET, data=a, chunks=(1, *a.shape[1:]),
 """
 
 OURS = """
-from nsdzarr.stimuli import convert_stimuli
-from nsdzarr.storage import StimuliStorage
+from nsdzarr.prepare.stimuli import convert_stimuli
+from nsdzarr.prepare.storage import StimuliStorage
 t = time.perf_counter()
 REPORT = convert_stimuli(SOURCE, TARGET, sizes=SIZES, settings=StimuliStorage(**SETTINGS),
                          threads=2)
@@ -266,7 +266,7 @@ print(json.dumps(fig))
 
 def run_variant(body: str, source: Path, target: Path, **params: object) -> dict[str, float]:
     """Run one variant in a fresh interpreter; return its wall time, peak RSS, store size."""
-    from nsdzarr.convert import store_stats
+    from nsdzarr.prepare.convert import store_stats
 
     header = f"SOURCE = {str(source)!r}\nTARGET = {str(target)!r}\n" + "".join(
         f"{k} = {v!r}\n" for k, v in params.items()
@@ -460,7 +460,7 @@ def loader_rates(dsets: dict[str, Any], n_trials: int, batches: int, rounds: int
     """Pairs/s of DataLoaders with 2 persistent workers (one warm-up epoch, best round)."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    from nsdzarr.loader import BetasDataset, collate
+    from nsdzarr.training.loader import BetasDataset, collate
 
     loaders = {}
     for name, dset in dsets.items():
@@ -489,9 +489,9 @@ def read_all(data: Path, n_images: int, rounds: int, seconds: float, batches: in
     import h5py
     import torch
 
-    from nsdzarr.loader import BetasDataset, collate
-    from nsdzarr.readers import ImageReader
-    from nsdzarr.stimuli import resize_images
+    from nsdzarr.prepare.stimuli import resize_images
+    from nsdzarr.training.loader import BetasDataset, collate
+    from nsdzarr.training.readers import ImageReader
 
     torch.set_num_threads(1)
     roi = data / "subj01" / "roi" / "nsdgeneral.zarr"
@@ -623,7 +623,7 @@ def codec_reads(
     data: Path, n_images: int, rounds: int, seconds: float
 ) -> dict[str, tuple[float, float]]:
     """Random batch-of-32 images/s and one sequential pass MB/s of each codec's store."""
-    from nsdzarr.readers import ImageReader
+    from nsdzarr.training.readers import ImageReader
 
     readers = {c: ImageReader(data / "stores" / f"{c}.zarr") for c in CODECS}
     warm_cache([data / "stores" / f"{c}.zarr" for c in CODECS])
@@ -681,7 +681,7 @@ def main() -> None:
     import h5py
     import zarr
 
-    from nsdzarr.storage import STIMULI_STORAGE
+    from nsdzarr.prepare.storage import STIMULI_STORAGE
 
     assert STIMULI_STORAGE.codec == "none", "update the naive/default codec in this script"
     n, raw_mb = args.images, args.images * IMAGE_BYTES / MB

@@ -1,4 +1,4 @@
-"""Benchmark random trial reads for training: nsdzarr.loader vs zarr-python, tensorstore, h5py.
+"""Benchmark random trial reads for training: our loader vs zarr-python, tensorstore, h5py.
 
 Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
 
@@ -49,7 +49,7 @@ def write_random_betas(store: Path, h5: Path, sessions: int, settings) -> None:
     import h5py
     import zarr
 
-    from nsdzarr.storage import create_trial_array
+    from nsdzarr.prepare.storage import create_trial_array
 
     n_trials = sessions * PER_SESSION
     group = zarr.open_group(store, mode="w", zarr_format=3)
@@ -78,10 +78,10 @@ def build(data: Path) -> None:
     """Write the store, the trials table and the HDF5 twin (skips what exists)."""
     import scipy.io
 
-    from nsdzarr.demo import make_design
-    from nsdzarr.roi import roi_settings
-    from nsdzarr.storage import StorageSettings
-    from nsdzarr.trials import write_trial_tables
+    from nsdzarr.prepare.demo import make_design
+    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.trials import write_trial_tables
 
     subj = data / "subj01"
     store = subj / "roi" / "nsdgeneral.zarr"
@@ -109,8 +109,8 @@ def build_copy(data: Path, name: str, codec: str, level: int = 5) -> Path:
     """The same betas re-encoded as ``codec`` (shuffle), beside the zstd store."""
     import zarr
 
-    from nsdzarr.roi import roi_settings
-    from nsdzarr.storage import StorageSettings, create_trial_array
+    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.storage import StorageSettings, create_trial_array
 
     roi = data / "subj01" / "roi"
     target = roi / name
@@ -183,7 +183,7 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
     """
     from torch.utils.data import DataLoader, RandomSampler
 
-    from nsdzarr.loader import collate
+    from nsdzarr.training.loader import collate
 
     loaders = {}
     for name, workers, bs in configs:
@@ -271,9 +271,9 @@ def main() -> None:
     import torch
     import zarr
 
-    from nsdzarr.loader import BetasDataset, collate
-    from nsdzarr.storage import ROI_STORAGE
-    from nsdzarr.zarr_v3 import Decoder
+    from nsdzarr.prepare.storage import ROI_STORAGE
+    from nsdzarr.training.loader import BetasDataset, collate
+    from nsdzarr.training.zarr_v3 import Decoder
 
     torch.set_num_threads(1)
     store = args.data / "subj01" / "roi" / "nsdgeneral.zarr"

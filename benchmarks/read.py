@@ -1,4 +1,4 @@
-"""Benchmark reading one NSD-layout betas session: h5py vs nsdzarr.hdf5_read.SessionReader.
+"""Benchmark reading one NSD-layout betas session: h5py vs our hdf5_read.SessionReader.
 
 Usage: python benchmarks/read.py [PATH] [--repeats N] [--slab PLANES]
 
@@ -34,7 +34,7 @@ def checksum(a):  # per-trial, per-plane sums: cheap and order independent
 
 METHODS = {
     "imports only": """
-import h5py, nsdzarr.hdf5_read
+import h5py, nsdzarr.prepare.hdf5_read
 t0 = time.perf_counter(); sums = None
 """,
     "h5py d[...] (baseline)": """
@@ -54,14 +54,14 @@ with h5py.File(path, "r") as f:
 wall = time.perf_counter() - t0; sums = np.concatenate(parts, axis=1)
 """,
     "ours read_all": """
-from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.prepare.hdf5_read import SessionReader
 t0 = time.perf_counter()
 with SessionReader(path) as r:
     a = r.read_all(); info = (r.strategy, r.index_source)
 wall = time.perf_counter() - t0; sums = checksum(a)
 """,
     "ours read_planes slabs": """
-from nsdzarr.hdf5_read import SessionReader
+from nsdzarr.prepare.hdf5_read import SessionReader
 t0 = time.perf_counter(); parts = []; out = None
 with SessionReader(path) as r:
     for z in range(0, r.shape[1], slab):

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 
-from nsdzarr.demo import write_synthetic_session  # noqa: E402
+from nsdzarr.prepare.demo import write_synthetic_session  # noqa: E402
 
 DEFAULT_SOURCE = HERE / "data" / "nsd_session_750x83x104x81.hdf5"
 MB = 1024**2
@@ -61,8 +61,8 @@ rows = np.stack([a[t].T[mask] for t in range(a.shape[0])])
 """
 
 OURS = """
-from nsdzarr.hdf5_read import SessionReader
-from nsdzarr.roi import load_roi_mask
+from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.roi import load_roi_mask
 t0, r0 = time.perf_counter(), rchar()
 with SessionReader(SOURCE) as reader:
     mask = load_roi_mask(MASK, None, reader.shape[1:])

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))
 
-from nsdzarr.memory import MB, stimuli_peak  # noqa: E402
+from nsdzarr.prepare.memory import MB, stimuli_peak  # noqa: E402
 
 H = W = 425
 
@@ -84,8 +84,8 @@ def read_alone(src: Path) -> dict:
 
 def convert(src: Path, dst: Path, codec: str, sizes: tuple[int, ...], budget: int | None) -> dict:
     return run(f"""
-        from nsdzarr.stimuli import convert_stimuli
-        from nsdzarr.storage import StimuliStorage
+        from nsdzarr.prepare.stimuli import convert_stimuli
+        from nsdzarr.prepare.storage import StimuliStorage
         r = convert_stimuli({str(src)!r}, {str(dst)!r}, sizes={sizes!r},
                             settings=StimuliStorage(codec={codec!r}), budget_bytes={budget!r})
         out = {{k: r[k] for k in ("seconds", "read_seconds", "verify_seconds", "bytes")}}

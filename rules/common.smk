@@ -15,11 +15,11 @@ sys.path.insert(0, str(RULES_DIR.parent / "src"))
 
 # Only light modules here: every Snakemake process, also the one inside each SLURM job,
 # imports them, and their memory counts against the job's request.
-from nsdzarr import layout
+from nsdzarr.prepare import layout
 from nsdzarr.errors import InputError
-from nsdzarr.provenance import require_demo_target, require_same_release
-from nsdzarr.layout import DemoSpec, demo_files
-from nsdzarr.resources import (
+from nsdzarr.prepare.provenance import require_demo_target, require_same_release
+from nsdzarr.prepare.layout import DemoSpec, demo_files
+from nsdzarr.prepare.resources import (
     estimate_job_mem_mb,
     estimate_job_runtime_min,
     job_mem_mb,

@@ -4,11 +4,11 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.convert import convert_session
-from nsdzarr.jobs import run_job
-from nsdzarr.memory import budget_bytes
-from nsdzarr.nifti import nifti_affine
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare.convert import convert_session
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.memory import budget_bytes
+from nsdzarr.prepare.nifti import nifti_affine
+from nsdzarr.prepare.storage import StorageSettings
 
 run_job(
     snakemake.log[0],

@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.demo import DemoSpec, write_demo
-from nsdzarr.jobs import run_job
+from nsdzarr.prepare.demo import DemoSpec, write_demo
+from nsdzarr.prepare.jobs import run_job
 
 run_job(snakemake.log[0], write_demo, snakemake.params.root, DemoSpec(**snakemake.params.spec))

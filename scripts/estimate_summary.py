@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.summary import write_summary
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.summary import write_summary
 
 run_job(
     snakemake.log[0],

@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.qc import plot_session_drift
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.qc import plot_session_drift
 
 run_job(
     snakemake.log[0],

@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.qc import write_roi_reliability
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.qc import write_roi_reliability
 
 run_job(
     snakemake.log[0],

@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.qc import plot_trial_counts
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.qc import plot_trial_counts
 
 run_job(
     snakemake.log[0],

@@ -4,9 +4,9 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.roi import extract_session
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.roi import extract_session
+from nsdzarr.prepare.storage import StorageSettings
 
 run_job(
     snakemake.log[0],

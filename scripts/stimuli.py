@@ -4,9 +4,9 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.stimuli import build_image_store
-from nsdzarr.storage import StimuliStorage
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.stimuli import build_image_store
+from nsdzarr.prepare.storage import StimuliStorage
 
 run_job(
     snakemake.log[0],

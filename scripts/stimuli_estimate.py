@@ -4,9 +4,9 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.estimate import write_stimuli_estimate
-from nsdzarr.jobs import run_job
-from nsdzarr.storage import StimuliStorage
+from nsdzarr.prepare.estimate import write_stimuli_estimate
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.storage import StimuliStorage
 
 run_job(
     snakemake.log[0],

@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")
 
-from nsdzarr.jobs import run_job
-from nsdzarr.trials import write_trial_tables
+from nsdzarr.prepare.jobs import run_job
+from nsdzarr.prepare.trials import write_trial_tables
 
 run_job(
     snakemake.log[0],

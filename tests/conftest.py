@@ -13,7 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from nsdzarr.demo import DemoSpec, write_demo  # noqa: E402
+from nsdzarr.prepare.demo import DemoSpec, write_demo  # noqa: E402
 
 
 def default_config() -> dict:

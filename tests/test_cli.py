@@ -17,14 +17,14 @@ import pytest
 import zarr
 from conftest import REPO
 
-from nsdzarr import layout, nsd
-from nsdzarr.convert import convert_session, store_stats
-from nsdzarr.demo import DemoSpec
-from nsdzarr.estimate import write_session_estimate
-from nsdzarr.resources import estimate_job_mem_mb
-from nsdzarr.roi import extract_session, finish_store, read_split
-from nsdzarr.storage import ROI_STORAGE, StorageSettings
-from nsdzarr.trials import write_trial_tables
+from nsdzarr.prepare import layout, nsd
+from nsdzarr.prepare.convert import convert_session, store_stats
+from nsdzarr.prepare.demo import DemoSpec
+from nsdzarr.prepare.estimate import write_session_estimate
+from nsdzarr.prepare.resources import estimate_job_mem_mb
+from nsdzarr.prepare.roi import extract_session, finish_store, read_split
+from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings
+from nsdzarr.prepare.trials import write_trial_tables
 
 SPEC = DemoSpec()
 SESSIONS = (1, 2, 3)

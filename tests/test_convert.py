@@ -16,12 +16,12 @@ import pytest
 import zarr
 from conftest import REPO
 
-from nsdzarr import layout
-from nsdzarr.convert import convert_session, plane_checksums, verify_store
-from nsdzarr.demo import DemoSpec, affine, write_betas_hdf5
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.memory import plan_conversion
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare import layout
+from nsdzarr.prepare.convert import convert_session, plane_checksums, verify_store
+from nsdzarr.prepare.demo import DemoSpec, affine, write_betas_hdf5
+from nsdzarr.prepare.memory import plan_conversion
+from nsdzarr.prepare.storage import StorageSettings
 
 
 def demo_session(root: Path, session: int = 1) -> Path:
@@ -131,7 +131,7 @@ def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path)
     target = tmp_path / "out.zarr"
     code = (
         "import sys; sys.path.insert(0, sys.argv[3]);"
-        "from nsdzarr.convert import convert_session;"
+        "from nsdzarr.prepare.convert import convert_session;"
         "convert_session(sys.argv[1], sys.argv[2], strategy='slabs')"
     )
     proc = subprocess.Popen(
@@ -156,8 +156,8 @@ def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path)
 def test_parallel_shards_match_zarr_and_catch_corruption(demo_root: Path, tmp_path: Path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from nsdzarr import shards
-    from nsdzarr.convert import ShardIO
+    from nsdzarr.prepare import shards
+    from nsdzarr.prepare.convert import ShardIO
 
     target = tmp_path / "p.zarr"
     convert_session(demo_session(demo_root), target, threads=2)

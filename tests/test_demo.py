@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
-from nsdzarr import demo, layout
-from nsdzarr.demo import DemoSpec
+from nsdzarr.prepare import demo, layout
+from nsdzarr.prepare.demo import DemoSpec
 
 
 def test_betas_have_nsd_encoding(demo_root):

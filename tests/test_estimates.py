@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nsdzarr import layout
-from nsdzarr.demo import DemoSpec, write_betas_hdf5
 from nsdzarr.errors import InputError
-from nsdzarr.estimate import write_session_estimate
-from nsdzarr.hdf5_read import SessionReader
-from nsdzarr.memory import (
+from nsdzarr.prepare import layout
+from nsdzarr.prepare.demo import DemoSpec, write_betas_hdf5
+from nsdzarr.prepare.estimate import write_session_estimate
+from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.memory import (
     MB,
     READ_BUFFER_BYTES,
     SHARD_WORK_FACTOR,
@@ -22,11 +22,11 @@ from nsdzarr.memory import (
     budget_bytes,
     plan_conversion,
 )
-from nsdzarr.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
-from nsdzarr.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
-from nsdzarr.runtime import session_job_minutes
-from nsdzarr.storage import StorageSettings
-from nsdzarr.summary import write_summary
+from nsdzarr.prepare.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.prepare.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
+from nsdzarr.prepare.runtime import session_job_minutes
+from nsdzarr.prepare.storage import StorageSettings
+from nsdzarr.prepare.summary import write_summary
 
 
 def test_full_release_matches_the_arithmetic():

@@ -44,10 +44,10 @@ from test_reliability import (
     store_files,
 )
 
-from nsdzarr.atomic import atomic_output
-from nsdzarr.demo import affine, write_nifti_gz
 from nsdzarr.errors import InputError, OutputError, output_error
-from nsdzarr.nifti import require_same_grid
+from nsdzarr.prepare.atomic import atomic_output
+from nsdzarr.prepare.demo import affine, write_nifti_gz
+from nsdzarr.prepare.nifti import require_same_grid
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="mounting a small filesystem needs root")

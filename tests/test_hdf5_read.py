@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nsdzarr.errors import InputError
-from nsdzarr.hdf5_read import SessionReader, _scatter_voxels, open_betas, plan_blocks, read_betas
+from nsdzarr.prepare.hdf5_open import open_betas
+from nsdzarr.prepare.hdf5_read import SessionReader, _scatter_voxels, plan_blocks, read_betas
 
 T, Z, Y, X = 750, 7, 9, 11
 

@@ -21,10 +21,10 @@ from test_loader import SESSIONS, build_store, open_files, record_pid, worker_fd
 from test_readers import SIZE, H, W, write_brick  # noqa: E402
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
-from nsdzarr import loader as loader_module  # noqa: E402
 from nsdzarr.errors import InputError  # noqa: E402
-from nsdzarr.loader import BetasDataset, collate  # noqa: E402
-from nsdzarr.stimuli import convert_stimuli  # noqa: E402
+from nsdzarr.prepare.stimuli import convert_stimuli  # noqa: E402
+from nsdzarr.training import loader as loader_module  # noqa: E402
+from nsdzarr.training.loader import BetasDataset, collate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""nsdzarr.loader: values, normalization, splits, repeats, batching, workers, safety, errors.
+"""The training loader: values, normalization, splits, repeats, batching, workers, safety, errors.
 
 Stores are built from the demo release exactly as ``roi.finish_store`` lays them out (same
 ``create_trial_array`` settings, arrays and attributes), for sessions 1, 14 and 27 so that
@@ -25,13 +25,18 @@ import zarr
 from torch.utils.data import DataLoader
 from zarr.codecs import GzipCodec
 
-from nsdzarr import demo, layout
-from nsdzarr import loader as loader_module
 from nsdzarr.errors import InputError
-from nsdzarr.loader import NORMALIZE, BetasDataset, collate, parse_layout
-from nsdzarr.roi import load_roi_mask, roi_attrs, roi_settings, session_stats
-from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array, zarr_compressor
-from nsdzarr.trials import write_trial_tables
+from nsdzarr.prepare import demo, layout
+from nsdzarr.prepare.roi import load_roi_mask, roi_attrs, roi_settings, session_stats
+from nsdzarr.prepare.storage import (
+    ROI_STORAGE,
+    StorageSettings,
+    create_trial_array,
+    zarr_compressor,
+)
+from nsdzarr.prepare.trials import write_trial_tables
+from nsdzarr.training import loader as loader_module
+from nsdzarr.training.loader import NORMALIZE, BetasDataset, collate, parse_layout
 
 SPEC = demo.DemoSpec(subjects=("subj01", "subj02"))
 DEFAULT = StorageSettings()

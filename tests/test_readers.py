@@ -1,4 +1,4 @@
-"""nsdzarr.readers (numpy, no torch): image and ROI rows against zarr-python and the sources.
+"""training.readers (numpy, no torch): image and ROI rows against zarr-python and the sources.
 
 The image store is written by the pipeline's own converter (``stimuli.convert_stimuli``) from a
 real HDF5 ``imgBrick`` with H != W (10 x 7), random pixels so that rows and axis orders differ.
@@ -20,13 +20,13 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from nsdzarr.demo import N_NSD_IMAGES
 from nsdzarr.errors import InputError
-from nsdzarr.readers import ImageReader, RoiReader
-from nsdzarr.row_reader import ShardRows
-from nsdzarr.stimuli import convert_stimuli
-from nsdzarr.storage import StimuliStorage
-from nsdzarr.zarr_v3 import parse_layout
+from nsdzarr.prepare.demo import N_NSD_IMAGES
+from nsdzarr.prepare.stimuli import convert_stimuli
+from nsdzarr.prepare.storage import StimuliStorage
+from nsdzarr.training.readers import ImageReader, RoiReader
+from nsdzarr.training.row_reader import ShardRows
+from nsdzarr.training.zarr_v3 import parse_layout
 
 H, W = 10, 7
 SIZE = 4  # the resized copy images_4
@@ -242,7 +242,7 @@ def test_readers_import_without_torch_h5py_or_snakemake():
         "import sys\n"
         "for name in ('torch', 'h5py', 'snakemake'):\n"
         "    sys.modules[name] = None  # import raises ImportError\n"
-        "import nsdzarr.readers\n"
+        "import nsdzarr.training.readers\n"
         "bad = [m for m in ('torch', 'h5py', 'snakemake') if sys.modules.get(m) is not None]\n"
         "assert not bad, bad\n"
         "print('ok')\n"

@@ -2,7 +2,7 @@
 
 Every case is a real Snakemake run in a temporary folder. A broken input must give a non-zero
 exit, one line ``<path>: <problem>`` naming the offending file (as printed by
-``nsdzarr.jobs.run_job`` or raised as a ``WorkflowError``) and no partial output: the failed
+``nsdzarr.prepare.jobs.run_job`` or raised as a ``WorkflowError``) and no partial output: the failed
 job's outputs are absent and no ``.*.incomplete-*`` sibling is left under ``results/``.
 
 To keep the runtime low, independent breakages of different sessions (or ROIs) share one
@@ -31,8 +31,8 @@ import scipy.io
 import zarr
 from conftest import default_config, run_snakemake, snakemake_command
 
-from nsdzarr import layout
-from nsdzarr.demo import DemoSpec, affine, roi_volumes, write_betas_hdf5, write_nifti_gz
+from nsdzarr.prepare import layout
+from nsdzarr.prepare.demo import DemoSpec, affine, roi_volumes, write_betas_hdf5, write_nifti_gz
 
 pytestmark = pytest.mark.slow
 

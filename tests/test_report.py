@@ -12,8 +12,8 @@ import pytest
 import zarr
 from conftest import run_snakemake
 
-from nsdzarr.layout import TRIALS_PER_SESSION
-from nsdzarr.qc import (
+from nsdzarr.prepare.layout import TRIALS_PER_SESSION
+from nsdzarr.prepare.qc import (
     pair_correlation,
     repeat_pairs,
     roi_reliability,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import zarr
 
-from nsdzarr import layout
-from nsdzarr.convert import convert_session
-from nsdzarr.demo import DemoSpec
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.roi import extract_session, finish_store, load_roi_mask, to_nifti, verify_rows
-from nsdzarr.storage import StorageSettings
-from nsdzarr.trials import write_trial_tables
+from nsdzarr.prepare import layout
+from nsdzarr.prepare.convert import convert_session
+from nsdzarr.prepare.demo import DemoSpec
+from nsdzarr.prepare.roi import extract_session, finish_store, load_roi_mask, to_nifti, verify_rows
+from nsdzarr.prepare.storage import StorageSettings
+from nsdzarr.prepare.trials import write_trial_tables
 
 SPEC = DemoSpec()
 

@@ -11,10 +11,10 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
-from nsdzarr import shards
 from nsdzarr.errors import InputError
-from nsdzarr.row_reader import ShardRows
-from nsdzarr.zarr_v3 import Decoder, parse_layout, read_array
+from nsdzarr.prepare import shards
+from nsdzarr.training.row_reader import ShardRows
+from nsdzarr.training.zarr_v3 import Decoder, parse_layout, read_array
 
 LAYOUTS = {
     # name: (chunks, shards, compressor, dtype, endian)
@@ -118,7 +118,7 @@ def test_decoder_rejects_wrong_sizes(codec: str, direct: bool, monkeypatch):
     import numcodecs
     import numcodecs.blosc
 
-    from nsdzarr import zarr_v3
+    from nsdzarr.training import zarr_v3
 
     if not direct:  # as where numcodecs does not export its C symbols
         monkeypatch.setattr(zarr_v3, "_c_library", lambda module: None)
@@ -137,7 +137,7 @@ def test_decoder_rejects_wrong_sizes(codec: str, direct: bool, monkeypatch):
 
 
 def test_converter_shards_read_back_through_the_shared_index_parser(tmp_path: Path):
-    from nsdzarr.storage import StorageSettings, create_trial_array
+    from nsdzarr.prepare.storage import StorageSettings, create_trial_array
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
     arr = create_trial_array(

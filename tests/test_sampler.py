@@ -1,4 +1,4 @@
-"""nsdzarr.sampler.TrialBatchSampler and plain PyTorch conventions with real DataLoader workers.
+"""TrialBatchSampler and plain PyTorch conventions with real DataLoader workers.
 
 One demo-built ROI store (subj01, 1022 voxels, as in test_loader) and one small synthetic
 store of another voxel count (subjXX, 200 voxels) for the per-subject cases.
@@ -19,10 +19,10 @@ import zarr
 from test_loader import build_store, read_tsv
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from nsdzarr.loader import BetasDataset, TrialBatchSampler, collate
-from nsdzarr.roi import roi_settings
-from nsdzarr.sampler import TrialBatchSampler as SamplerFromModule
-from nsdzarr.storage import StorageSettings, create_trial_array
+from nsdzarr.prepare.roi import roi_settings
+from nsdzarr.prepare.storage import StorageSettings, create_trial_array
+from nsdzarr.training.loader import BetasDataset, TrialBatchSampler, collate
+from nsdzarr.training.sampler import TrialBatchSampler as SamplerFromModule
 
 SMALL_VOXELS = 200
 

@@ -7,7 +7,7 @@ import dataclasses
 import yaml
 from conftest import REPO
 
-from nsdzarr.storage import ROI_STORAGE, STIMULI_STORAGE, StorageSettings
+from nsdzarr.prepare.storage import ROI_STORAGE, STIMULI_STORAGE, StorageSettings
 
 
 def _defaults(section: str) -> dict:

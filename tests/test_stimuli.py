@@ -17,12 +17,12 @@ import zarr
 from conftest import REPO
 from PIL import Image
 
-from nsdzarr import layout
-from nsdzarr.demo import demo_stimulus_id, write_demo_stimuli
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.estimate import stimuli_estimate, write_stimuli_estimate
-from nsdzarr.memory import DEFAULT_STIMULI_BUDGET_BYTES, request_mb, stimuli_peak
-from nsdzarr.stimuli import (
+from nsdzarr.prepare import layout
+from nsdzarr.prepare.demo import demo_stimulus_id, write_demo_stimuli
+from nsdzarr.prepare.estimate import stimuli_estimate, write_stimuli_estimate
+from nsdzarr.prepare.memory import DEFAULT_STIMULI_BUDGET_BYTES, request_mb, stimuli_peak
+from nsdzarr.prepare.stimuli import (
     LAYOUT,
     convert_stimuli,
     ids_from_trials,
@@ -31,8 +31,8 @@ from nsdzarr.stimuli import (
     stimuli_metadata,
     verify_images,
 )
-from nsdzarr.storage import STIMULI_STORAGE, StimuliStorage
-from nsdzarr.trials import write_tsv
+from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage
+from nsdzarr.prepare.trials import write_tsv
 
 SMALL = StimuliStorage(images_per_shard=8)
 LAYOUTS = {
@@ -352,8 +352,8 @@ def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
     budget, per_shard = 32 << 20, 16
     code = f"""
 import json
-from nsdzarr.stimuli import convert_stimuli
-from nsdzarr.storage import StimuliStorage
+from nsdzarr.prepare.stimuli import convert_stimuli
+from nsdzarr.prepare.storage import StimuliStorage
 r = convert_stimuli({str(src)!r}, {str(tmp_path / "big.zarr")!r}, sizes=(64,),
                     settings=StimuliStorage(images_per_shard={per_shard}), budget_bytes={budget})
 # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into ru_maxrss

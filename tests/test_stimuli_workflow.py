@@ -20,7 +20,7 @@ from test_reliability import (
     release_config,
 )
 
-from nsdzarr import layout
+from nsdzarr.prepare import layout
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for nsdzarr.trials, on seeded synthetic designs shaped like nsd_expdesign.mat."""
+"""Tests for nsdzarr.prepare.trials, on seeded synthetic designs shaped like nsd_expdesign.mat."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from nsdzarr import trials
 from nsdzarr.errors import InputError
+from nsdzarr.prepare import trials
 
 N_SESSIONS = 40
 N_TRIALS = N_SESSIONS * 750

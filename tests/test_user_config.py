@@ -20,8 +20,8 @@ import yaml
 import zarr
 from conftest import REPO, run_snakemake
 
-from nsdzarr.demo import DemoSpec, write_demo
-from nsdzarr.provenance import DEMO_MARKER, demo_marker
+from nsdzarr.prepare.demo import DemoSpec, write_demo
+from nsdzarr.prepare.provenance import DEMO_MARKER, demo_marker
 
 pytestmark = pytest.mark.slow
 

@@ -136,7 +136,7 @@ def test_loader_reads_the_workflow_roi_store_like_the_source(demo_run: Path):
     import nibabel as nib
     import torch
 
-    from nsdzarr.loader import BetasDataset
+    from nsdzarr.training.loader import BetasDataset
 
     store = demo_run / "results/subj01/roi/nsdgeneral.zarr"
     ds = BetasDataset(store, split="all")
@@ -161,8 +161,8 @@ def test_loader_reads_the_workflow_roi_store_like_the_source(demo_run: Path):
 def test_roi_added_after_deleting_the_hdf5s_comes_from_the_session_stores(
     tmp_path: Path, demo_root: Path
 ):
-    from nsdzarr.roi import extract_session, finish_store
-    from nsdzarr.storage import StorageSettings
+    from nsdzarr.prepare.roi import extract_session, finish_store
+    from nsdzarr.prepare.storage import StorageSettings
 
     release = tmp_path / "NSD"
     shutil.copytree(demo_root, release)

@@ -15,7 +15,7 @@ DEFAULT_BETA_VERSION = "betas_fithrf_GLMdenoise_RR"
 
 
 def _info(args: argparse.Namespace) -> int:
-    from nsdzarr.storeinfo import format_info, store_info
+    from nsdzarr.prepare.describe import format_info, store_info
 
     if not (Path(args.store) / "zarr.json").is_file():
         print(f"{args.store}: not a Zarr v3 store or node (no zarr.json)", file=sys.stderr)
@@ -26,7 +26,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from nsdzarr.check import check_store, find_stores
+    from nsdzarr.prepare.check import check_store, find_stores
 
     status = 0
     for path in args.paths:
@@ -70,8 +70,8 @@ def _sessions(values: list[str]) -> list[int] | None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from nsdzarr.plan import format_plan, plan_release
-    from nsdzarr.storage import StorageSettings
+    from nsdzarr.prepare.plan import format_plan, plan_release
+    from nsdzarr.prepare.storage import StorageSettings
 
     try:
         settings = StorageSettings(

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from nsdzarr.figures import new_figure, no_data, save_png
-from nsdzarr.layout import TRIALS_PER_SESSION
-from nsdzarr.memory import MB
-from nsdzarr.summary import SESSION_FILE
+from nsdzarr.prepare.figures import new_figure, no_data, save_png
+from nsdzarr.prepare.layout import TRIALS_PER_SESSION
+from nsdzarr.prepare.memory import MB
+from nsdzarr.prepare.summary import SESSION_FILE
 
 # Pairs of presentations read per block: memory stays at a few blocks of rows per ROI.
 PAIR_BLOCK = 256
@@ -248,8 +248,8 @@ def write_reliability_nifti(r: np.ndarray, store: StrPath, path: StrPath) -> Non
     """The reliability back on the subject's NIfTI grid (NaN outside the ROI), gzipped."""
     import zarr
 
-    from nsdzarr.demo import write_nifti_gz
-    from nsdzarr.roi import to_nifti
+    from nsdzarr.prepare.demo import write_nifti_gz
+    from nsdzarr.prepare.roi import to_nifti
 
     group = zarr.open_group(store, mode="r")
     img = to_nifti(
@@ -319,7 +319,7 @@ def plot_reliability_slices(
     """Axial, coronal and sagittal slices through the ROI's centre showing r per voxel."""
     import zarr
 
-    from nsdzarr.nifti import load_nifti
+    from nsdzarr.prepare.nifti import load_nifti
 
     group = zarr.open_group(store, mode="r")
     voxels = group["voxels"][...]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from nsdzarr.memory import MB
+from nsdzarr.prepare.memory import MB
 
 # Conservative throughput of source bytes through a session job (read + encode + verify);
 # 3x below it covers a shared, loaded machine (a 6 GB 1 mm session in slabs took 332 s at

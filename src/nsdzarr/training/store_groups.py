@@ -1,7 +1,7 @@
 """Metadata of the stores training code reads (ROI stores, image stores), without torch.
 
 Read once, in the constructing process, then closed: plain picklable data that the torch
-loader and the numpy readers (:mod:`nsdzarr.readers`) share.
+loader and the numpy readers (:mod:`nsdzarr.training.readers`) share.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from nsdzarr.errors import InputError
-from nsdzarr.row_reader import whole_rows
-from nsdzarr.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
+from nsdzarr.training.row_reader import whole_rows
+from nsdzarr.training.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
 
 TRIAL_COLUMNS = ("trial", "session", "nsd_id", "repeat", "split")
 

@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from nsdzarr.atomic import atomic_output
-from nsdzarr.convert import store_stats
 from nsdzarr.errors import InputError
-from nsdzarr.hdf5_read import SessionReader, betas_dataset
-from nsdzarr.layout import require_session_trials
-from nsdzarr.memory import (
+from nsdzarr.prepare.atomic import atomic_output
+from nsdzarr.prepare.convert import store_stats
+from nsdzarr.prepare.hdf5_open import betas_dataset
+from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.layout import require_session_trials
+from nsdzarr.prepare.memory import (
     SAMPLE_PLANES,
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
@@ -28,11 +29,11 @@ from nsdzarr.memory import (
     stimuli_peak,
     stimuli_read_budget,
 )
-from nsdzarr.nifti import load_nifti
-from nsdzarr.roi import is_session_store, roi_settings
-from nsdzarr.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
-from nsdzarr.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
-from nsdzarr.storage import (
+from nsdzarr.prepare.nifti import load_nifti
+from nsdzarr.prepare.roi import is_session_store, roi_settings
+from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
+from nsdzarr.prepare.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
+from nsdzarr.prepare.storage import (
     ROI_STORAGE,
     STIMULI_STORAGE,
     StimuliStorage,
@@ -40,7 +41,7 @@ from nsdzarr.storage import (
     numcodecs_compressor,
     trial_blocks,
 )
-from nsdzarr.zarr_v3 import parse_layout
+from nsdzarr.training.zarr_v3 import parse_layout
 
 SAMPLE_TRIALS = 32
 # Files a session store holds besides its shards: group and array metadata, the checksum array.

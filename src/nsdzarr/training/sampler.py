@@ -1,4 +1,4 @@
-"""Seeded, resumable, distributed batch sampler for :class:`nsdzarr.loader.BetasDataset`.
+"""Seeded, resumable, distributed batch sampler for :class:`nsdzarr.training.loader.BetasDataset`.
 
 ``DataLoader(ds, batch_sampler=TrialBatchSampler(ds, 32), num_workers=N)``: each batch is a
 list of dataset indices that the dataset reads in one go (``__getitems__``).

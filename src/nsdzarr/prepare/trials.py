@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from nsdzarr.atomic import atomic_output
 from nsdzarr.errors import InputError, unreadable
-from nsdzarr.layout import TRIALS_PER_SESSION
+from nsdzarr.prepare.atomic import atomic_output
+from nsdzarr.prepare.layout import TRIALS_PER_SESSION
 
 StrPath = str | PathLike[str]
 Table = dict[str, np.ndarray]

@@ -2,7 +2,7 @@
 
 :class:`ImageReader` reads rows of an image store (``images`` uint8 (N, H, W, 3), or a
 resized copy ``images_{S}``) by NSD id or by row; :class:`RoiReader` reads rows of an ROI
-store's ``betas``. Both read through :mod:`nsdzarr.row_reader` (one ``preadv`` per nearby
+store's ``betas``. Both read through :mod:`nsdzarr.training.row_reader` (one ``preadv`` per nearby
 chunks, decoded straight into the output) and follow the loader's process rules: the
 constructor reads small metadata and closes it, files open lazily in the process that reads,
 a forked child closes its inherited copies and reopens its own, pickling carries no open file,
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from nsdzarr.row_reader import ShardRows, ZarrRows
-from nsdzarr.store_info import (
+from nsdzarr.training.row_reader import ShardRows, ZarrRows
+from nsdzarr.training.store_groups import (
     ImageStoreInfo,
     StoreInfo,
     default_max_open_files,
@@ -28,7 +28,7 @@ from nsdzarr.store_info import (
     load_store_info,
     subject_of,
 )
-from nsdzarr.zarr_v3 import ArrayLayout, read_array
+from nsdzarr.training.zarr_v3 import ArrayLayout, read_array
 
 
 class LazyRows:

@@ -1,5 +1,5 @@
 """Sizes and memory requests of a release before any job runs: the workflow's own estimates,
-from HDF5 headers (or, without a download, the NSD facts in :mod:`nsdzarr.nsd`)."""
+from HDF5 headers (or, without a download, the NSD facts in :mod:`nsdzarr.prepare.nsd`)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from nsdzarr import layout, nsd
 from nsdzarr.errors import InputError
-from nsdzarr.estimate import (
+from nsdzarr.prepare import layout, nsd
+from nsdzarr.prepare.estimate import (
     count_roi_voxels,
     estimate_from_metadata,
     sample_compression_ratio,
     session_metadata,
 )
-from nsdzarr.memory import estimate_peak, request_mb
-from nsdzarr.resources import estimate_job_mem_mb
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare.memory import estimate_peak, request_mb
+from nsdzarr.prepare.resources import estimate_job_mem_mb
+from nsdzarr.prepare.storage import StorageSettings
 
 SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
 

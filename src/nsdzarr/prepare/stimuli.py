@@ -30,17 +30,22 @@ import zarr
 from PIL import Image
 
 from nsdzarr import __version__
-from nsdzarr.atomic import atomic_output, remove_stale_temporaries
-from nsdzarr.convert import ShardIO, source_attrs, store_stats
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.hdf5_read import open_hdf5
-from nsdzarr.memory import (
+from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
+from nsdzarr.prepare.convert import ShardIO, source_attrs, store_stats
+from nsdzarr.prepare.hdf5_open import open_hdf5
+from nsdzarr.prepare.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
     stimuli_block_rows,
     stimuli_peak,
 )
-from nsdzarr.storage import STIMULI_STORAGE, StimuliStorage, create_image_array, trial_blocks
+from nsdzarr.prepare.storage import (
+    STIMULI_STORAGE,
+    StimuliStorage,
+    create_image_array,
+    trial_blocks,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,20 @@ import numpy as np
 import zarr
 
 from nsdzarr import __version__
-from nsdzarr.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.hdf5_read import SessionReader, check_finite
-from nsdzarr.layout import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION, require_session_trials
-from nsdzarr.memory import STATS_ROWS
-from nsdzarr.nifti import load_nifti, require_same_grid
-from nsdzarr.storage import ROI_STORAGE, StorageSettings, create_trial_array
-from nsdzarr.zarr_v3 import object_chunks, parse_layout
+from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
+from nsdzarr.prepare.hdf5_open import check_finite
+from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.layout import (
+    BETA_SCALE,
+    BETA_UNITS,
+    TRIALS_PER_SESSION,
+    require_session_trials,
+)
+from nsdzarr.prepare.memory import STATS_ROWS
+from nsdzarr.prepare.nifti import load_nifti, require_same_grid
+from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings, create_trial_array
+from nsdzarr.training.zarr_v3 import object_chunks, parse_layout
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 

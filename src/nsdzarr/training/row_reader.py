@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.errors import InputError
-from nsdzarr.zarr_v3 import EMPTY, ArrayLayout, Decoder, index_nbytes, parse_shard_index
+from nsdzarr.training.zarr_v3 import EMPTY, ArrayLayout, Decoder, index_nbytes, parse_shard_index
 
 COALESCE_GAP = 64 * 1024  # one read for chunks this close in one shard file
 COALESCE_MAX = 16 * 2**20

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nsdzarr.errors import InputError
-from nsdzarr.zarr_v3 import read_json
+from nsdzarr.training.zarr_v3 import read_json
 
 
 def disk_usage(folder: str | os.PathLike[str], skip: set[Path] | None = None) -> tuple[int, int]:

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from nsdzarr.atomic import atomic_output
-from nsdzarr.figures import new_figure, no_data, save_png
-from nsdzarr.memory import MB
+from nsdzarr.prepare.atomic import atomic_output
+from nsdzarr.prepare.figures import new_figure, no_data, save_png
+from nsdzarr.prepare.memory import MB
 
 SESSION_FILE = re.compile(r"(subj\d+)/estimates/session(\d+)\.json$")
 BENCH_FILE = re.compile(r"(subj\d+)/(\w+)/(?:(.+)_)?session(\d+)\.tsv$")

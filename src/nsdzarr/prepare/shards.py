@@ -21,7 +21,7 @@ import zarr
 import zstandard
 
 from nsdzarr.errors import InputError
-from nsdzarr.zarr_v3 import ArrayLayout, Decoder, object_index
+from nsdzarr.training.zarr_v3 import ArrayLayout, Decoder, object_index
 
 _local = threading.local()
 

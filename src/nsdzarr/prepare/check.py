@@ -20,11 +20,11 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from nsdzarr.convert import plane_checksums
 from nsdzarr.errors import InputError
-from nsdzarr.layout import TRIALS_PER_SESSION
-from nsdzarr.roi import read_split
-from nsdzarr.zarr_v3 import read_json
+from nsdzarr.prepare.convert import plane_checksums
+from nsdzarr.prepare.layout import TRIALS_PER_SESSION
+from nsdzarr.prepare.roi import read_split
+from nsdzarr.training.zarr_v3 import read_json
 
 MAX_ERROR_CHARS = 200
 # Decoded bytes read at once: whole chunks, at most one shard.

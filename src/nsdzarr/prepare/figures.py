@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nsdzarr.atomic import atomic_output
+from nsdzarr.prepare.atomic import atomic_output
 
 DPI = 110
 

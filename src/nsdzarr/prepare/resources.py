@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from nsdzarr.memory import BASELINE_BYTES, estimate_peak, request_mb
-from nsdzarr.runtime import MIN_RUNTIME_MIN, request_min
+from nsdzarr.prepare.memory import BASELINE_BYTES, estimate_peak, request_mb
+from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, request_min
 
 
 def _job(estimate_json: str | os.PathLike[str], job: str) -> dict:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from nsdzarr.estimate import estimate_from_metadata
-from nsdzarr.layout import TRIALS_PER_SESSION
-from nsdzarr.storage import StorageSettings
+from nsdzarr.prepare.estimate import estimate_from_metadata
+from nsdzarr.prepare.layout import TRIALS_PER_SESSION
+from nsdzarr.prepare.storage import StorageSettings
 
 SESSIONS = {
     "subj01": 40, "subj02": 40, "subj03": 32, "subj04": 30,
