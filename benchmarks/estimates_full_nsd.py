@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nsdzarr.prepare.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.nsd_facts import SESSIONS, VOLUMES_XYZ
+from nsdzarr.prepare.nsd import release_estimates
 
 GB = 1024**3
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nsdzarr.errors import InputError
+from nsdzarr.nsd_facts import SESSIONS, VOLUMES_XYZ
 from nsdzarr.prepare import layout
 from nsdzarr.prepare.demo import DemoSpec, write_betas_hdf5
 from nsdzarr.prepare.estimate import write_session_estimate
@@ -22,7 +23,7 @@ from nsdzarr.prepare.memory import (
     budget_bytes,
     plan_conversion,
 )
-from nsdzarr.prepare.nsd import SESSIONS, VOLUMES_XYZ, release_estimates
+from nsdzarr.prepare.nsd import release_estimates
 from nsdzarr.prepare.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
 from nsdzarr.prepare.runtime import session_job_minutes
 from nsdzarr.prepare.storage import StorageSettings

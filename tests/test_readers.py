@@ -21,7 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from nsdzarr.errors import InputError
-from nsdzarr.prepare.demo import N_NSD_IMAGES
+from nsdzarr.nsd_facts import N_IMAGES_73K as N_NSD_IMAGES
 from nsdzarr.prepare.stimuli import convert_stimuli
 from nsdzarr.prepare.storage import StimuliStorage
 from nsdzarr.training.readers import ImageReader, RoiReader

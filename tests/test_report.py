@@ -12,7 +12,7 @@ import pytest
 import zarr
 from conftest import run_snakemake
 
-from nsdzarr.prepare.layout import TRIALS_PER_SESSION
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 from nsdzarr.prepare.qc import (
     pair_correlation,
     repeat_pairs,

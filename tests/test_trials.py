@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from nsdzarr import nsd_facts
 from nsdzarr.errors import InputError
 from nsdzarr.prepare import trials
 
@@ -231,7 +232,7 @@ def test_runs_without_stimpattern_use_documented_lengths(raw, tmp_path):
     design = trials.load_design(path)
     assert design.run_source == trials.RUN_SOURCE_DOCUMENTED
     table = trials.trial_table(design, "subj02", [7], path)
-    assert np.bincount(table["run"])[1:].tolist() == list(trials.DOCUMENTED_RUN_LENGTHS)
+    assert np.bincount(table["run"])[1:].tolist() == list(nsd_facts.DOCUMENTED_RUN_LENGTHS)
     assert table["run"][0] == 1 and table["run"][-1] == 12
     meta = trials.sidecar(table, path, subject="subj02", sessions=[7], run_source=design.run_source)
     assert meta["Rules"]["run_source"] == trials.RUN_SOURCE_DOCUMENTED

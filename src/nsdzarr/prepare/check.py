@@ -21,8 +21,8 @@ import numpy as np
 import zarr
 
 from nsdzarr.errors import InputError
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 from nsdzarr.prepare.convert import plane_checksums
-from nsdzarr.prepare.layout import TRIALS_PER_SESSION
 from nsdzarr.prepare.roi import read_split
 from nsdzarr.training.zarr_v3 import read_json
 

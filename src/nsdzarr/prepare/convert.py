@@ -17,11 +17,11 @@ from zarr.codecs import BloscCodec
 
 from nsdzarr import __version__
 from nsdzarr.errors import VerificationError
+from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS
 from nsdzarr.prepare import shards
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
-from nsdzarr.prepare.layout import BETA_SCALE, BETA_UNITS
 from nsdzarr.prepare.memory import ConversionPlan, plan_conversion
 from nsdzarr.prepare.storage import StorageSettings, create_trial_array, trial_blocks
 from nsdzarr.training.zarr_v3 import parse_layout

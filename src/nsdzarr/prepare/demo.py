@@ -10,25 +10,30 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
+from nsdzarr.nsd_facts import (
+    BETA_SCALE,
+    DOCUMENTED_RUN_LENGTHS,
+    MAX_SUBJECTS,
+    N_IMAGES_10K,
+    N_IMAGES_73K,
+    N_SHARED,
+    RUNS_PER_SESSION,
+    SLOTS_PER_RUN,
+    TRIALS_PER_SESSION,
+)
 from nsdzarr.prepare import layout
 from nsdzarr.prepare.atomic import atomic_output
-from nsdzarr.prepare.layout import BETA_SCALE, ROI_FILES, TRIALS_PER_SESSION, DemoSpec, demo_files
+from nsdzarr.prepare.layout import ROI_FILES, DemoSpec, demo_files
 from nsdzarr.prepare.provenance import demo_marker, require_demo_target
 
-N_SUBJECTS = 8
-N_IMAGES_PER_SUBJECT = 10_000
-N_SHARED = 1_000
-N_NSD_IMAGES = 73_000
-SESSIONS_IN_DESIGN = 40
-RUNS_PER_SESSION = 12
-SLOTS_PER_RUN = 75
+SESSIONS_IN_DESIGN = 40  # the demo design covers as many sessions as the longest subject
 VOXEL_MM = 1.8
 VISUAL_ROI_LABELS = ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4")
 
 
 def run_lengths() -> list[int]:
     """Stimulus trials per run in an NSD session: 63 in odd runs, 62 in even ones (sum 750)."""
-    return [63 if run % 2 == 1 else 62 for run in range(1, RUNS_PER_SESSION + 1)]
+    return list(DOCUMENTED_RUN_LENGTHS)
 
 
 def affine(shape_xyz: tuple[int, int, int]) -> np.ndarray:
@@ -62,15 +67,15 @@ def roi_volumes(shape_xyz: tuple[int, int, int]) -> dict[str, np.ndarray]:
 def make_design(seed: int) -> dict[str, np.ndarray]:
     """An ``nsd_expdesign.mat``-like design: 1-based ids, shared1000 first in each row."""
     rng = np.random.default_rng(seed)
-    pool = rng.permutation(N_NSD_IMAGES) + 1  # 1-based 73k ids
+    pool = rng.permutation(N_IMAGES_73K) + 1  # 1-based 73k ids
     sharedix = np.sort(pool[:N_SHARED])
-    subjectim = np.empty((N_SUBJECTS, N_IMAGES_PER_SUBJECT), dtype=np.float64)
-    per_subject = N_IMAGES_PER_SUBJECT - N_SHARED
-    for s in range(N_SUBJECTS):
+    subjectim = np.empty((MAX_SUBJECTS, N_IMAGES_10K), dtype=np.float64)
+    per_subject = N_IMAGES_10K - N_SHARED
+    for s in range(MAX_SUBJECTS):
         own = pool[N_SHARED + s * per_subject : N_SHARED + (s + 1) * per_subject]
         subjectim[s] = np.concatenate([sharedix, own])
     # every 10k image shown three times, each showing in a different third of the experiment
-    thirds = [rng.permutation(N_IMAGES_PER_SUBJECT) + 1 for _ in range(3)]
+    thirds = [rng.permutation(N_IMAGES_10K) + 1 for _ in range(3)]
     masterordering = np.concatenate(thirds).astype(np.float64)[None, :]
     stimpattern = np.zeros((SESSIONS_IN_DESIGN, RUNS_PER_SESSION, SLOTS_PER_RUN), dtype=np.float64)
     for run, n in enumerate(run_lengths()):
@@ -87,27 +92,27 @@ def make_design(seed: int) -> dict[str, np.ndarray]:
 def stim_info_rows(design: dict[str, np.ndarray], seed: int) -> tuple[list[str], np.ndarray]:
     """``nsd_stim_info_merged.csv`` columns and integer rows for the 73k images of a design."""
     rng = np.random.default_rng([seed, 73])
-    coco_id = rng.choice(600_000, size=N_NSD_IMAGES, replace=False)
-    shared = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+    coco_id = rng.choice(600_000, size=N_IMAGES_73K, replace=False)
+    shared = np.zeros(N_IMAGES_73K, dtype=np.int64)
     shared[design["sharedix"][0].astype(int) - 1] = 1
     image_10k = design["masterordering"][0].astype(int) - 1
     columns = ["cocoId", "nsdId", "shared1000"]
-    values = [coco_id, np.arange(N_NSD_IMAGES), shared]
+    values = [coco_id, np.arange(N_IMAGES_73K), shared]
     seen, reps = [], []
-    for s in range(N_SUBJECTS):
+    for s in range(MAX_SUBJECTS):
         ids = design["subjectim"][s].astype(int) - 1
-        member = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+        member = np.zeros(N_IMAGES_73K, dtype=np.int64)
         member[ids] = 1
         seen.append(member)
-        rep = np.zeros((N_NSD_IMAGES, 3), dtype=np.int64)
-        count = np.zeros(N_NSD_IMAGES, dtype=np.int64)
+        rep = np.zeros((N_IMAGES_73K, 3), dtype=np.int64)
+        count = np.zeros(N_IMAGES_73K, dtype=np.int64)
         for trial, nsd in enumerate(ids[image_10k]):
             rep[nsd, count[nsd]] = trial + 1  # 1-based global trial
             count[nsd] += 1
         reps.append(rep)
-    columns += [f"subject{s + 1}" for s in range(N_SUBJECTS)]
+    columns += [f"subject{s + 1}" for s in range(MAX_SUBJECTS)]
     values += seen
-    for s in range(N_SUBJECTS):
+    for s in range(MAX_SUBJECTS):
         columns += [f"subject{s + 1}_rep{k}" for k in range(3)]
         values += list(reps[s].T)
     return columns, np.stack(values, axis=1)
@@ -217,7 +222,8 @@ def write_synthetic_session(
         for z in range(shape_zyx[0]):
             plane = np.zeros((n_trials, *shape_zyx[1:]), dtype=np.int16)
             n = int(brain[z].sum())
-            plane[:, brain[z]] = np.round(rng.standard_normal((n_trials, n)) * 300).astype(np.int16)
+            noise = rng.standard_normal((n_trials, n)) * BETA_SCALE
+            plane[:, brain[z]] = np.round(noise).astype(np.int16)
             d[:, z] = plane
     return path
 
@@ -249,7 +255,7 @@ def demo_stimulus_id(image: np.ndarray) -> int:
 
 
 def write_demo_stimuli(
-    path: str | Path, seed: int = 0, n: int = N_NSD_IMAGES, shape_hw: tuple[int, int] = (8, 6)
+    path: str | Path, seed: int = 0, n: int = N_IMAGES_73K, shape_hw: tuple[int, int] = (8, 6)
 ) -> Path:
     """The stimulus brick ``imgBrick`` ``(n, H, W, 3)`` uint8, chunked by 100 rows, atomically.
 

@@ -29,8 +29,7 @@ from nsdzarr.prepare.memory import (
     stimuli_peak,
     stimuli_read_budget,
 )
-from nsdzarr.prepare.nifti import load_nifti
-from nsdzarr.prepare.roi import is_session_store, roi_settings
+from nsdzarr.prepare.roi import is_session_store, load_roi_mask, roi_settings
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
 from nsdzarr.prepare.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import (
@@ -205,9 +204,8 @@ def write_session_estimate(
 
 
 def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None) -> int:
-    """Voxels an ROI selects, counted leniently (the ROI job itself checks the mask)."""
-    values = np.asarray(load_nifti(mask_path).dataobj)
-    return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())
+    """Voxels an ROI selects: the ROI job's own selection (:func:`roi.load_roi_mask`)."""
+    return len(load_roi_mask(mask_path, labels).voxels)
 
 
 def stimuli_estimate(

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsdzarr.errors import InputError
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 
-TRIALS_PER_SESSION = 750  # every NSD session: 12 runs of 62 or 63 stimulus trials
-BETA_SCALE = 300  # int16 betas are percent signal change x 300
-BETA_UNITS = "percent signal change x 300 (divide by scale for PSC)"
 SESSION_FILE = re.compile(r"^betas_session(\d{2})\.hdf5$")
 # Atlases the demo release ships (a subset of the real release's roi/ folder).
 ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")

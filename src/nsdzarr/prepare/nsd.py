@@ -1,29 +1,13 @@
-"""Facts of the real NSD release: sessions and volumes per subject (NIfTI X, Y, Z order)."""
+"""Whole-release sizes and estimates from NSD facts alone (no files read)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from nsdzarr.nsd_facts import SESSIONS, TRIALS_PER_SESSION, VOLUMES_XYZ
 from nsdzarr.prepare.estimate import estimate_from_metadata
-from nsdzarr.prepare.layout import TRIALS_PER_SESSION
 from nsdzarr.prepare.storage import StorageSettings
 
-SESSIONS = {
-    "subj01": 40, "subj02": 40, "subj03": 32, "subj04": 30,
-    "subj05": 40, "subj06": 32, "subj07": 40, "subj08": 30,
-}  # fmt: skip
-VOLUMES_XYZ = {
-    "func1pt8mm": {
-        "subj01": (81, 104, 83), "subj02": (82, 106, 84), "subj03": (81, 106, 82),
-        "subj04": (85, 99, 80), "subj05": (79, 97, 78), "subj06": (85, 113, 83),
-        "subj07": (78, 95, 81), "subj08": (80, 103, 78),
-    },
-    "func1mm": {
-        "subj01": (145, 186, 148), "subj02": (146, 190, 150), "subj03": (145, 190, 146),
-        "subj04": (152, 177, 143), "subj05": (141, 173, 139), "subj06": (152, 202, 148),
-        "subj07": (139, 170, 145), "subj08": (143, 184, 139),
-    },
-}  # fmt: skip
 # raw / stored of zstd-1 on a real-size synthetic session (benchmarks/README.md, convert.py)
 ASSUMED_COMPRESSION_RATIO = 3.4
 

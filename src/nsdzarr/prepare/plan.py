@@ -1,5 +1,5 @@
 """Sizes and memory requests of a release before any job runs: the workflow's own estimates,
-from HDF5 headers (or, without a download, the NSD facts in :mod:`nsdzarr.prepare.nsd`)."""
+from HDF5 headers (or, without a download, the NSD facts in :mod:`nsdzarr.nsd_facts`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from nsdzarr import nsd_facts
 from nsdzarr.errors import InputError
 from nsdzarr.prepare import layout, nsd
 from nsdzarr.prepare.estimate import (
@@ -41,8 +42,8 @@ def _subject_sessions(
 ) -> list[int]:
     if nsd_root is not None:
         present = layout.sessions_present(nsd_root, subject, space, beta_version)
-    elif subject in nsd.SESSIONS and space in nsd.VOLUMES_XYZ:
-        present = list(range(1, nsd.SESSIONS[subject] + 1))
+    elif subject in nsd_facts.SESSIONS and space in nsd_facts.VOLUMES_XYZ:
+        present = list(range(1, nsd_facts.SESSIONS[subject] + 1))
     else:
         raise InputError(subject, f"not a subject of the NSD release in {space}; give --nsd-root")
     missing = sorted(set(sessions or []) - set(present))

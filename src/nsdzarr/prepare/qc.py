@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 from nsdzarr.prepare.figures import new_figure, no_data, save_png
-from nsdzarr.prepare.layout import TRIALS_PER_SESSION
 from nsdzarr.prepare.memory import MB
 from nsdzarr.prepare.summary import SESSION_FILE
 

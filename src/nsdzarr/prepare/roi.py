@@ -19,15 +19,11 @@ import zarr
 
 from nsdzarr import __version__
 from nsdzarr.errors import InputError, VerificationError
+from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
-from nsdzarr.prepare.layout import (
-    BETA_SCALE,
-    BETA_UNITS,
-    TRIALS_PER_SESSION,
-    require_session_trials,
-)
+from nsdzarr.prepare.layout import require_session_trials
 from nsdzarr.prepare.memory import STATS_ROWS
 from nsdzarr.prepare.nifti import load_nifti, require_same_grid
 from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings, create_trial_array

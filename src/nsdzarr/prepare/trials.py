@@ -20,23 +20,22 @@ import numpy as np
 import scipy.io
 
 from nsdzarr.errors import InputError, unreadable
+from nsdzarr.nsd_facts import (
+    DOCUMENTED_RUN_LENGTHS,
+    MAX_REPEATS,
+    MAX_SUBJECTS,
+    N_IMAGES_10K,
+    N_IMAGES_73K,
+    N_SHARED,
+    RUNS_PER_SESSION,
+    SLOTS_PER_RUN,
+    TRIALS_PER_SESSION,
+)
 from nsdzarr.prepare.atomic import atomic_output
-from nsdzarr.prepare.layout import TRIALS_PER_SESSION
 
 StrPath = str | PathLike[str]
 Table = dict[str, np.ndarray]
 
-
-RUNS_PER_SESSION = 12
-SLOTS_PER_RUN = 75
-N_IMAGES_10K = 10_000
-N_SHARED = 1_000
-N_IMAGES_73K = 73_000
-MAX_SUBJECTS = 8
-MAX_REPEATS = 3
-# Fallback when stimpattern is absent: NSD runs hold 63 (odd runs) and 62 (even runs)
-# stimulus trials, 6 * 63 + 6 * 62 = 750 per session.
-DOCUMENTED_RUN_LENGTHS = (63, 62) * 6
 
 TRIAL_COLUMNS = (
     "trial",

@@ -65,6 +65,7 @@ from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from nsdzarr.errors import InputError
+from nsdzarr.nsd_facts import MAX_REPEATS
 from nsdzarr.training.batch_transport import (
     BatchPool,
     Slot,
@@ -80,7 +81,6 @@ from nsdzarr.training.zarr_v3 import parse_layout  # noqa: F401 - re-exported fo
 
 SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
-MAX_REPEATS = 3
 # int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
 META_BYTES_PER_ITEM = 8 * 11
 

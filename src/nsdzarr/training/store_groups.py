@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nsdzarr.errors import InputError
+from nsdzarr.nsd_facts import BETA_SCALE
 from nsdzarr.training.row_reader import whole_rows
 from nsdzarr.training.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
 
@@ -141,7 +142,7 @@ def load_store_info(
         n_voxels=n_vox,
         disk_dtype=dtype,
         sessions=sessions,
-        scale=float(attrs.get("scale", 300)),
+        scale=float(attrs.get("scale", BETA_SCALE)),
         row_session=np.repeat(np.arange(max(1, len(sessions))), per_session),
         columns=cols,
     )
