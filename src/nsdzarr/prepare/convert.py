@@ -13,7 +13,6 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from nsdzarr import __version__
 from nsdzarr.errors import VerificationError
@@ -23,7 +22,12 @@ from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
 from nsdzarr.prepare.memory import ConversionPlan, plan_conversion
-from nsdzarr.prepare.storage import StorageSettings, create_trial_array, trial_blocks
+from nsdzarr.prepare.storage import (
+    SCRATCH_COMPRESSOR,
+    StorageSettings,
+    create_trial_array,
+    trial_blocks,
+)
 from nsdzarr.training.zarr_v3 import parse_layout
 
 log = logging.getLogger(__name__)
@@ -122,7 +126,7 @@ def _write_by_slabs(
             shape=arr.shape,
             dtype=arr.dtype,
             chunks=(block, planes, *arr.shape[2:]),
-            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
+            compressors=SCRATCH_COMPRESSOR,
             fill_value=0,
         )
         for z0 in range(0, n_z, planes):

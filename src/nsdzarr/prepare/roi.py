@@ -27,7 +27,7 @@ from nsdzarr.prepare.layout import require_session_trials
 from nsdzarr.prepare.memory import STATS_ROWS
 from nsdzarr.prepare.nifti import load_nifti, require_same_grid
 from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings, create_trial_array
-from nsdzarr.training.zarr_v3 import object_chunks, parse_layout
+from nsdzarr.training.zarr_v3 import ArrayLayout, object_chunks, parse_layout
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 
@@ -217,6 +217,14 @@ def extract_session(
         group.attrs.update({"session": session, "n_stats_trials": int(use.sum())})
 
 
+def _layout(array_dir: Path) -> ArrayLayout:
+    """The shard layout of an array we wrote (its keys come from its own metadata)."""
+    _, lay = parse_layout(array_dir)
+    if lay is None:
+        raise InputError(array_dir, "not a sharded array of the layout nsd-zarr writes; rerun it")
+    return lay
+
+
 def finish_store(
     parts: list[str | os.PathLike[str]],
     sessions: list[int],
@@ -242,10 +250,12 @@ def finish_store(
             settings,
             ("trial", "voxel"),
         )
+        dst_layout = _layout(Path(tmp) / "betas")
         means, stds = [], []
         for s, part in enumerate(parts):
             pg = zarr.open_group(part, mode="r")
             pb = pg["betas"]
+            src_layout = _layout(Path(part) / "betas")
             if pb.dtype != arr.dtype:
                 raise InputError(
                     part,
@@ -260,8 +270,8 @@ def finish_store(
             ):
                 raise InputError(part, "part does not match the ROI mask or layout; rerun it")
             for i in range(shards_per_session):
-                src = Path(part) / "betas" / "c" / str(i) / "0"
-                dst = Path(tmp) / "betas" / "c" / str(s * shards_per_session + i) / "0"
+                src = Path(src_layout.key((i, 0)))
+                dst = Path(dst_layout.key((s * shards_per_session + i, 0)))
                 if src.exists():  # an all-fill-value shard is never written
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     _link_or_copy(src, dst)

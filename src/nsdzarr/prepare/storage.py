@@ -52,6 +52,11 @@ class StorageSettings:
 ROI_STORAGE = StorageSettings(codec="none", level=5, shuffle="shuffle", trials_per_shard=50)
 
 
+# The bounded-memory convert's scratch store (convert.py) is written once and read once:
+# the fastest codec wins there, not the smallest.
+SCRATCH_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+
+
 @dataclass(frozen=True)
 class StimuliStorage:
     """Codec and shard size of a stimulus image store; mirrors the ``stimuli_storage`` config."""
