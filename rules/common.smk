@@ -15,10 +15,11 @@ sys.path.insert(0, str(RULES_DIR.parent / "src"))
 
 # Only light modules here: every Snakemake process, also the one inside each SLURM job,
 # imports them, and their memory counts against the job's request.
+from nsdzarr import outputs
 from nsdzarr.prepare import layout
 from nsdzarr.errors import InputError
 from nsdzarr.prepare.provenance import require_demo_target, require_same_release
-from nsdzarr.prepare.layout import DemoSpec, demo_files
+from nsdzarr.prepare.demo_spec import DemoSpec, demo_files
 from nsdzarr.prepare.resources import (
     estimate_job_mem_mb,
     estimate_job_runtime_min,
@@ -152,7 +153,9 @@ def betas_hdf5(wildcards):
 
 def session_store(wildcards):
     """The converted store of one session."""
-    return f"results/{wildcards.subject}/betas/session{wildcards.session}.zarr"
+    return outputs.SESSION_STORE.format(
+        subject=wildcards.subject, session=wildcards.session
+    )
 
 
 def has_hdf5(wildcards):
@@ -171,7 +174,9 @@ def betas_source(wildcards):
 def convert_estimate(wildcards):
     """The estimate sizing a conversion; none without the HDF5 (the job cannot run then, and
     the estimate, made from the store, must not depend on the store's own job)."""
-    estimate = f"results/{wildcards.subject}/estimates/session{wildcards.session}.json"
+    estimate = outputs.SESSION_ESTIMATE.format(
+        subject=wildcards.subject, session=wildcards.session
+    )
     # ancient: it sizes the job only, so a newer estimate (a new ROI) reruns nothing
     return ancient(estimate) if has_hdf5(wildcards) else []
 
@@ -194,7 +199,7 @@ def final_outputs():
     """Everything `rule all` requests."""
     return (
         heavy_outputs()
-        + expand("results/{subject}/trials.tsv", subject=SUBJECTS)
+        + expand(outputs.TRIALS_TSV, subject=SUBJECTS)
         + ["results/summary/estimates.tsv"]
         + qc_outputs()
     )
@@ -221,7 +226,7 @@ def stimuli_trials(wildcards=None):
     """The trial tables whose images the store holds (none: every row of the file)."""
     if config["stimuli"]["subset"] == "all":
         return []
-    return expand("results/{subject}/trials.tsv", subject=SUBJECTS)
+    return expand(outputs.TRIALS_TSV, subject=SUBJECTS)
 
 
 def stimuli_storage():
@@ -300,7 +305,9 @@ def roi_labels(wildcards):
 def roi_parts(wildcards):
     """Per-session part stores of a subject's ROI, in session order."""
     return [
-        f"results/{wildcards.subject}/roi/{wildcards.roi}.parts/session{s:02d}.zarr"
+        outputs.ROI_PART.format(
+            subject=wildcards.subject, roi=wildcards.roi, session=f"{s:02d}"
+        )
         for s in sessions_of(wildcards.subject)
     ]
 
@@ -321,13 +328,13 @@ def subject_roi_masks(wildcards):
 def heavy_outputs():
     """Outputs of the rules that carry `benchmark:` files (conversion, ROIs, stimuli; `estimate` has one too)."""
     return (
-        session_outputs("results/{subject}/betas/session{session}.zarr")
+        session_outputs(outputs.SESSION_STORE)
         + expand(
-            "results/{subject}/roi/{roi}.zarr",
+            outputs.ROI_STORE,
             subject=SUBJECTS,
             roi=list(config["rois"]),
         )
-        + (["results/stimuli/images.zarr"] if STIMULI else [])
+        + ([outputs.STIMULI_STORE] if STIMULI else [])
     )
 
 
@@ -355,7 +362,8 @@ def subject_session_outputs(pattern):
 def subject_roi_stores(wildcards):
     """Every configured ROI store of the job's subject, by ROI name."""
     return {
-        roi: f"results/{wildcards.subject}/roi/{roi}.zarr" for roi in config["rois"]
+        roi: outputs.ROI_STORE.format(subject=wildcards.subject, roi=roi)
+        for roi in config["rois"]
     }
 
 

@@ -4,7 +4,7 @@ rule convert:
         estimate=convert_estimate,
         affine_from=affine_source,
     output:
-        directory("results/{subject}/betas/session{session}.zarr"),
+        directory(outputs.SESSION_STORE),
     log:
         "logs/{subject}/convert/session{session}.log",
     benchmark:

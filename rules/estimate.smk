@@ -6,7 +6,7 @@ rule estimate:
         betas=lambda wildcards: ancient(betas_source(wildcards)),
         masks=subject_roi_masks,
     output:
-        "results/{subject}/estimates/session{session}.json",
+        outputs.SESSION_ESTIMATE,
     log:
         "logs/{subject}/estimate/session{session}.log",
     benchmark:

@@ -2,14 +2,14 @@ rule roi_session:
     input:
         betas=betas_source,
         mask=roi_mask,
-        trials="results/{subject}/trials.tsv",
+        trials=outputs.TRIALS_TSV,
         # sizes the job only: a newer estimate (e.g. for a new ROI) reruns nothing
-        estimate=ancient("results/{subject}/estimates/session{session}.json"),
+        estimate=ancient(outputs.SESSION_ESTIMATE),
         # the atlas whose affine the session stores record: every mask must share it
         affine_from=affine_source,
     output:
         # kept: a replaced session source rebuilds its part alone, then the store links them
-        directory("results/{subject}/roi/{roi}.parts/session{session}.zarr"),
+        directory(outputs.ROI_PART),
     log:
         "logs/{subject}/roi_session/{roi}_session{session}.log",
     benchmark:
@@ -31,7 +31,7 @@ rule roi_store:
         parts=roi_parts,
         mask=roi_mask,
     output:
-        directory("results/{subject}/roi/{roi}.zarr"),
+        directory(outputs.ROI_STORE),
     log:
         "logs/{subject}/roi_store/{roi}.log",
     conda:

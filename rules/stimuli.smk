@@ -10,7 +10,7 @@ rule stimuli_estimate:
         source=stimuli_hdf5,
         trials=stimuli_trials,
     output:
-        "results/stimuli/estimate.json",
+        outputs.STIMULI_ESTIMATE,
     log:
         "logs/stimuli/estimate.log",
     conda:
@@ -28,13 +28,13 @@ rule stimuli:
     input:
         source=stimuli_hdf5,
         trials=stimuli_trials,
-        estimate="results/stimuli/estimate.json",
+        estimate=outputs.STIMULI_ESTIMATE,
     output:
-        directory("results/stimuli/images.zarr"),
+        directory(outputs.STIMULI_STORE),
     log:
         "logs/stimuli/stimuli.log",
     benchmark:
-        "results/benchmarks/stimuli/stimuli.tsv"
+        outputs.STIMULI_BENCHMARK
     conda:
         "../envs/nsdzarr.yaml"
     threads: 2

@@ -8,8 +8,8 @@ localrules:
 
 rule estimate_summary:
     input:
-        estimates=session_outputs("results/{subject}/estimates/session{session}.json"),
-        stimuli=["results/stimuli/estimate.json"] if STIMULI else [],
+        estimates=session_outputs(outputs.SESSION_ESTIMATE),
+        stimuli=[outputs.STIMULI_ESTIMATE] if STIMULI else [],
         # the heavy jobs whose benchmark files hold the measured peaks
         done=heavy_outputs(),
     output:
@@ -37,10 +37,8 @@ rule estimate_summary:
 
 rule qc_stores:
     input:
-        estimates=subject_session_outputs(
-            "results/{subject}/estimates/session{session}.json"
-        ),
-        stores=subject_session_outputs("results/{subject}/betas/session{session}.zarr"),
+        estimates=subject_session_outputs(outputs.SESSION_ESTIMATE),
+        stores=subject_session_outputs(outputs.SESSION_STORE),
     output:
         report(
             "results/summary/{subject}_store_sizes.png",
@@ -58,7 +56,7 @@ rule qc_stores:
 
 rule qc_trials:
     input:
-        "results/{subject}/trials.tsv",
+        outputs.TRIALS_TSV,
     output:
         report(
             "results/summary/{subject}_trial_counts.png",
@@ -94,8 +92,8 @@ rule qc_drift:
 
 rule qc_reliability:
     input:
-        store="results/{subject}/roi/{roi}.zarr",
-        trials="results/{subject}/trials.tsv",
+        store=outputs.ROI_STORE,
+        trials=outputs.TRIALS_TSV,
         atlas=roi_mask,
     output:
         nifti="results/summary/{subject}_{roi}_reliability.nii.gz",

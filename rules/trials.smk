@@ -3,7 +3,7 @@ rule trial_index:
         design=design_mat,
         stim_info=stim_info_csv,
     output:
-        trials="results/{subject}/trials.tsv",
+        trials=outputs.TRIALS_TSV,
         sidecar="results/{subject}/trials.json",
         images="results/{subject}/images.tsv",
     log:

@@ -37,3 +37,11 @@ def test_stimuli_storage_defaults_are_stimuli_storage():
     schema = _defaults("stimuli")
     storage = {f.name for f in dataclasses.fields(STIMULI_STORAGE)}
     assert {k: schema[k] for k in storage} == dataclasses.asdict(STIMULI_STORAGE)
+
+
+def test_shipped_config_repeats_the_schema_defaults():
+    """config/config.yaml shows the storage keys for users to read; they must be the defaults."""
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    for section in ("storage", "roi_storage"):
+        schema = _defaults(section)
+        assert config[section] == {k: schema[k] for k in config[section]}, section

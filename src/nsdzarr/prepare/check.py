@@ -23,12 +23,12 @@ import zarr
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 from nsdzarr.prepare.convert import plane_checksums
+from nsdzarr.prepare.memory import READ_BUFFER_BYTES
 from nsdzarr.prepare.roi import read_split
 from nsdzarr.training.zarr_v3 import read_json
 
 MAX_ERROR_CHARS = 200
 # Decoded bytes read at once: whole chunks, at most one shard.
-READ_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def object_file(arr: zarr.Array, root: Path, row: int) -> Path:
     return root / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
 
 
-def row_blocks(arr: zarr.Array, limit: int = READ_BYTES) -> Iterator[tuple[int, int]]:
+def row_blocks(arr: zarr.Array, limit: int = READ_BUFFER_BYTES) -> Iterator[tuple[int, int]]:
     """``[start, stop)`` row ranges along the first axis: whole chunks, up to one shard or
     ``limit`` bytes of decoded data per range."""
     if not arr.ndim:

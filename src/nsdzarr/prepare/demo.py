@@ -23,7 +23,7 @@ from nsdzarr.nsd_facts import (
 )
 from nsdzarr.prepare import layout
 from nsdzarr.prepare.atomic import atomic_output
-from nsdzarr.prepare.layout import ROI_FILES, DemoSpec, demo_files
+from nsdzarr.prepare.demo_spec import ROI_FILES, DemoSpec, demo_files
 from nsdzarr.prepare.provenance import demo_marker, require_demo_target
 
 SESSIONS_IN_DESIGN = 40  # the demo design covers as many sessions as the longest subject

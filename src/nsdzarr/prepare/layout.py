@@ -1,17 +1,14 @@
-"""Paths of the NSD release layout (inputs) and of the workflow's outputs."""
+"""Paths of the NSD release layout (the inputs); the outputs are in :mod:`nsdzarr.outputs`."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 
 SESSION_FILE = re.compile(r"^betas_session(\d{2})\.hdf5$")
-# Atlases the demo release ships (a subset of the real release's roi/ folder).
-ROI_FILES = ("nsdgeneral.nii.gz", "prf-visualrois.nii.gz")
 
 
 def betas_dir(root: str | Path, subject: str, space: str, beta_version: str) -> Path:
@@ -68,27 +65,3 @@ def sessions_present(root: str | Path, subject: str, space: str, beta_version: s
     if not found:
         raise InputError(folder, "no betas_sessionNN.hdf5 files in this folder")
     return found
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """What to generate: subjects, sessions per subject, NIfTI (X, Y, Z) volume, seed."""
-
-    subjects: tuple[str, ...] = ("subj01",)
-    sessions: int = 3
-    shape_xyz: tuple[int, int, int] = (20, 24, 16)
-    space: str = "func1pt8mm"
-    beta_version: str = "betas_fithrf_GLMdenoise_RR"
-    seed: int = 0
-
-
-def demo_files(root: str | Path, spec: DemoSpec) -> list[Path]:
-    """Every file :func:`write_demo` creates under ``root``."""
-    files = [design_path(root), stim_info_path(root), stimuli_path(root)]
-    for subject in spec.subjects:
-        files += [
-            betas_path(root, subject, spec.space, spec.beta_version, s)
-            for s in range(1, spec.sessions + 1)
-        ]
-        files += [roi_path(root, subject, spec.space, name) for name in ROI_FILES]
-    return files

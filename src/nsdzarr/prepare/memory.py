@@ -20,7 +20,8 @@ BASELINE_BYTES = 120 * MB
 SNAKEMAKE_JOB_BYTES = 300 * MB
 # Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask) and their parsing.
 INDEX_BYTES_PER_CHUNK = 40
-# The HDF5 reader's block buffer and transpose scratch (hdf5_read.SessionReader's default).
+# The HDF5 reader's block buffer and transpose scratch (hdf5_read.SessionReader's default);
+# also the most `nsdzarr verify` reads at once (check.py).
 READ_BUFFER_BYTES = 64 * MB
 # Planes the estimate job samples for its compression ratio (read one at a time).
 SAMPLE_PLANES = 4

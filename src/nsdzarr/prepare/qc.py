@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from nsdzarr.nsd_facts import TRIALS_PER_SESSION
+from nsdzarr.outputs import SESSION_ESTIMATE_FILE
 from nsdzarr.prepare.figures import new_figure, no_data, save_png
 from nsdzarr.prepare.memory import MB
-from nsdzarr.prepare.summary import SESSION_FILE
 
 # Pairs of presentations read per block: memory stays at a few blocks of rows per ROI.
 PAIR_BLOCK = 256
@@ -46,7 +46,7 @@ def store_rows(estimate_files: list[StrPath], stores: list[StrPath]) -> list[dic
             on_disk[(m[1], int(m[2]))] = folder_usage(store)
     rows = []
     for path in sorted(map(str, estimate_files)):
-        m = SESSION_FILE.search(Path(path).as_posix())
+        m = SESSION_ESTIMATE_FILE.search(Path(path).as_posix())
         if not m:
             continue
         est = json.loads(Path(path).read_text())

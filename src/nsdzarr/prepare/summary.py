@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from nsdzarr.outputs import SESSION_ESTIMATE_FILE, STIMULI_BENCHMARK_FILE
 from nsdzarr.prepare.atomic import atomic_output
 from nsdzarr.prepare.figures import new_figure, no_data, save_png
 from nsdzarr.prepare.memory import MB
 
-SESSION_FILE = re.compile(r"(subj\d+)/estimates/session(\d+)\.json$")
 BENCH_FILE = re.compile(r"(subj\d+)/(\w+)/(?:(.+)_)?session(\d+)\.tsv$")
-STIMULI_BENCH_FILE = re.compile(r"benchmarks/stimuli/stimuli\.tsv$")
 COLUMNS = [
     "subject",
     "session",
@@ -37,7 +36,7 @@ def session_rows(estimate_files: list[str | os.PathLike[str]]) -> list[dict[str,
     """One summary row per session estimate file."""
     rows = []
     for path in sorted(map(str, estimate_files)):
-        m = SESSION_FILE.search(Path(path).as_posix())
+        m = SESSION_ESTIMATE_FILE.search(Path(path).as_posix())
         est = json.loads(Path(path).read_text())
         jobs = est["jobs"]
         rows.append(
@@ -105,14 +104,14 @@ def measured_peaks(
     """Requested vs measured memory (MB) and runtime of every job with a benchmark file."""
     estimates = {}
     for path in estimate_files:
-        m = SESSION_FILE.search(Path(path).as_posix())
+        m = SESSION_ESTIMATE_FILE.search(Path(path).as_posix())
         if m:
             estimates[(m[1], int(m[2]))] = json.loads(Path(path).read_text())["jobs"]
     if stimuli_estimate:
         estimates["stimuli"] = json.loads(Path(stimuli_estimate).read_text())["jobs"]
     out = []
     for path in sorted(map(str, benchmark_files)):
-        if STIMULI_BENCH_FILE.search(Path(path).as_posix()):
+        if STIMULI_BENCHMARK_FILE.search(Path(path).as_posix()):
             # labelled like the session jobs ("subject job session") for the plots' axes
             subject, job, session, jobs = "all", "stimuli", None, estimates.get("stimuli", {})
         elif m := BENCH_FILE.search(Path(path).as_posix()):

@@ -55,7 +55,6 @@ import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +65,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import MAX_REPEATS
+from nsdzarr.outputs import subject_of_roi_store
 from nsdzarr.training.batch_transport import (
     BatchPool,
     Slot,
@@ -76,7 +76,7 @@ from nsdzarr.training.batch_transport import (
 from nsdzarr.training.readers import ImageReader
 from nsdzarr.training.row_reader import ShardRows, ZarrRows
 from nsdzarr.training.sampler import TrialBatchSampler  # noqa: F401 (re-exported)
-from nsdzarr.training.store_groups import default_max_open_files, load_store_info, subject_of
+from nsdzarr.training.store_groups import default_max_open_files, load_store_info
 from nsdzarr.training.zarr_v3 import parse_layout  # noqa: F401 - re-exported for tests and users
 
 SPLITS = ("train", "test", "all")
@@ -285,7 +285,7 @@ class BetasDataset(Dataset):
         if isinstance(store, Mapping):
             return [(str(s), str(p)) for s, p in store.items()]
         paths = [store] if isinstance(store, str | os.PathLike) else list(store)
-        return [(subject_of(Path(p)), str(p)) for p in paths]
+        return [(subject_of_roi_store(p), str(p)) for p in paths]
 
     def _index_items(self) -> None:
         store_ids, rows = [], []

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from nsdzarr.outputs import subject_of_roi_store
 from nsdzarr.training.row_reader import ShardRows, ZarrRows
 from nsdzarr.training.store_groups import (
     ImageStoreInfo,
@@ -26,7 +27,6 @@ from nsdzarr.training.store_groups import (
     default_max_open_files,
     load_image_info,
     load_store_info,
-    subject_of,
 )
 from nsdzarr.training.zarr_v3 import ArrayLayout, read_array
 
@@ -165,7 +165,11 @@ class RoiReader:
     ) -> None:
         root = Path(store)
         self.info: StoreInfo = load_store_info(
-            root, subject_of(root), trials, need_stats=False, require_trials=trials is not None
+            root,
+            subject_of_roi_store(root),
+            trials,
+            need_stats=False,
+            require_trials=trials is not None,
         )
         self._voxels: np.ndarray | None = None
         self._rows = LazyRows(

@@ -15,6 +15,7 @@ import numpy as np
 
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import BETA_SCALE
+from nsdzarr.outputs import trials_of_roi_store
 from nsdzarr.training.row_reader import whole_rows
 from nsdzarr.training.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
 
@@ -125,7 +126,7 @@ def load_store_info(
     if len(shape) != 2:
         raise InputError(root / "betas", f"betas must be 2-D (trials, voxels), got shape {shape}")
     n_rows, n_vox = int(shape[0]), int(shape[1])
-    tsv = Path(trials) if trials is not None else root.parent.parent / "trials.tsv"
+    tsv = Path(trials) if trials is not None else trials_of_roi_store(root)
     cols = _read_trials(tsv, n_rows) if require_trials or tsv.is_file() else {}
     sessions = [int(s) for s in attrs.get("sessions") or dict.fromkeys(cols.get("session", []))]
     if (cols or sessions) and (not sessions or n_rows % len(sessions)):
@@ -167,12 +168,6 @@ def default_max_open_files(n_stores: int) -> int:
         soft = 1 << 15
     budget = max(64, min(4096, soft // 8))
     return max(16, budget // max(1, n_stores))
-
-
-def subject_of(path: Path) -> str:
-    """``results/{subject}/roi/{roi}.zarr`` -> subject; else the store's name."""
-    parent = path.resolve().parent
-    return parent.parent.name if parent.name == "roi" else path.stem
 
 
 # --------------------------------------------------------------------------- image stores
