@@ -1,6 +1,7 @@
 """Benchmark random trial reads for training: our loader vs zarr-python, tensorstore, h5py.
 
 Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
+       python benchmarks/loader.py --fallbacks  (private paths vs their fallbacks, small stores)
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -260,7 +261,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=1.0, help="minimum time per measurement")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--fallbacks", action="store_true", help="private paths vs their fallbacks")
     args = ap.parse_args()
+    if args.fallbacks:
+        return fallback_rates(args.data, args.rounds, args.seconds)
     build(args.data)
     lz4_store = build_copy(args.data, "nsdgeneral-lz4.zarr", "blosc-lz4")
     raw_store = build_copy(args.data, "nsdgeneral-raw.zarr", "none")
@@ -471,6 +475,104 @@ def main() -> None:
         f"\nin_memory load (decode 30000 trials into memory): {load_s:.1f} s; load "
         f"average during the run: {os.getloadavg()[0]:.1f} (another process's load slows "
         "every figure)"
+    )
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+FB_SESSIONS = 4
+MODES = ("private", "fallback")
+
+
+def fallback_rates(data: Path, rounds: int, seconds: float) -> None:
+    """``--fallbacks``: each private path next to its public fallback (``NSDZARR_DISABLE_PRIVATE``),
+    on 4-session stores (zstd-1 and blosc-lz4): batches read in process (the decoders) and
+    through 2 forked persistent workers (the batch transport); best of ``rounds``."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from nsdzarr.prepare.demo import make_design
+    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.trials import write_trial_tables
+    from nsdzarr.training import fallbacks
+    from nsdzarr.training.loader import BetasDataset, collate
+
+    subj = data / "fallbacks" / "subj01"
+    stores = {c: subj / "roi" / f"{c}.zarr" for c in ("zstd", "blosc-lz4")}
+    if not (subj / "trials.tsv").exists():
+        import scipy.io
+
+        subj.mkdir(parents=True, exist_ok=True)
+        design = subj.parent / "nsd_expdesign.mat"
+        scipy.io.savemat(design, make_design(0), format="5")
+        tables = [subj / n for n in ("trials.tsv", "trials.json", "images.tsv")]
+        write_trial_tables(design, "subj01", list(range(1, FB_SESSIONS + 1)), *tables)
+    for codec, store in stores.items():
+        if not (store / "zarr.json").exists():
+            settings = roi_settings(StorageSettings(codec, 1 if codec == "zstd" else 5))
+            write_random_betas(store, subj.parent / "betas.h5", FB_SESSIONS, settings)
+    warm_cache(list(stores.values()))
+    n = FB_SESSIONS * PER_SESSION
+    batches = np.random.default_rng(1).integers(0, n, (500, BATCH))
+
+    def dataset(store: Path, disable: str) -> BetasDataset:
+        """A dataset whose seams were probed with ``disable`` (decoders made at first read)."""
+        os.environ[fallbacks.ENV] = disable
+        fallbacks.reset()
+        ds = BetasDataset(store, split="all")
+        ds.__getitems__(batches[0])
+        return ds
+
+    reads = {  # (codec, private or fallback): dataset
+        (c, mode): dataset(store, "" if mode == "private" else "decoders")
+        for c, store in stores.items()
+        for mode in MODES
+    }
+    loaders = {}
+    for mode, disable in (("private", ""), ("fallback", "transport")):
+        dl = loaders[mode] = DataLoader(
+            dataset(stores["zstd"], disable),
+            batch_size=BATCH,
+            sampler=RandomSampler(range(n), num_samples=300 * BATCH),
+            num_workers=2,
+            multiprocessing_context="fork",  # the workers keep the setting they were made with
+            persistent_workers=True,
+            prefetch_factor=4,
+            collate_fn=collate,
+        )
+        for _ in dl:  # warm-up epoch: starts the workers
+            pass
+    os.environ.pop(fallbacks.ENV)
+    for c in stores:  # the same batches either way
+        a, b = (collate(reads[c, m].__getitems__(batches[1]))["betas"] for m in MODES)
+        assert np.array_equal(a.numpy(), b.numpy())
+    best: dict[tuple, float] = {}
+    main_cpu: dict[str, float] = {}
+    for _ in range(rounds):
+        for key, ds in reads.items():
+            fn = lambda k, d=ds: collate(d.__getitems__(batches[k]))["betas"]  # noqa: E731
+            best[key] = max(best.get(key, 0.0), rate(fn, BATCH, seconds, len(batches)))
+        for mode, dl in loaders.items():
+            c0, t0 = cpu_seconds(os.getpid()), time.perf_counter()
+            k = sum(1 for _ in dl)
+            wall, cpu = time.perf_counter() - t0, cpu_seconds(os.getpid()) - c0
+            if k * BATCH / wall > best.get(("loader", mode), 0.0):
+                best["loader", mode] = k * BATCH / wall
+                main_cpu[mode] = cpu / k * 1e6
+    print(
+        f"\nPrivate paths vs fallbacks, {n} x {N_VOX} int16 stores, batches of {BATCH}, "
+        f"best of {rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+    )
+    print("| seam | what | private trial/s | fallback trial/s | fallback / private |")
+    print("|---|---|---:|---:|---:|")
+    for c in stores:
+        p, f = best[c, "private"], best[c, "fallback"]
+        print(f"| decoders | in-process batches, {c} store | {p:,.0f} | {f:,.0f} | {f / p:.2f} |")
+    p, f = best["loader", "private"], best["loader", "fallback"]
+    print(
+        f"| transport | DataLoader, 2 fork workers, zstd store (main CPU µs/batch "
+        f"{main_cpu['private']:.0f} vs {main_cpu['fallback']:.0f}) | {p:,.0f} | {f:,.0f} | "
+        f"{f / p:.2f} |"
     )
 
 

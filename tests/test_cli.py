@@ -160,6 +160,7 @@ def test_flipped_byte_in_a_session_shard_names_the_shard_and_trial(results: Path
     ]
 
 
+@pytest.mark.slow  # builds a whole results/ folder (~30 s)
 def test_flipped_byte_in_an_image_shard_names_the_shard_and_image(results: Path, tmp_path: Path):
     store = tmp_path / "images.zarr"
     shutil.copytree(results / "stimuli" / "images.zarr", store)
@@ -171,6 +172,7 @@ def test_flipped_byte_in_an_image_shard_names_the_shard_and_image(results: Path,
     assert len(lines) == 1 and lines[0].startswith(f"{shard}: image 9 "), proc.stdout
 
 
+@pytest.mark.slow  # builds a whole results/ folder (~30 s)
 def test_unreadable_shards_of_derived_arrays_are_found(results: Path, tmp_path: Path):
     images = tmp_path / "images.zarr"
     shutil.copytree(results / "stimuli" / "images.zarr", images)
@@ -188,6 +190,7 @@ def test_unreadable_shards_of_derived_arrays_are_found(results: Path, tmp_path: 
     assert any(line.startswith(f"{roi_shard}: trials 1000..1049 cannot") for line in lines)
 
 
+@pytest.mark.slow  # builds a whole results/ folder (~30 s)
 def test_inconsistent_roi_shapes_are_reported(results: Path, tmp_path: Path):
     roi = tmp_path / "nsdgeneral.zarr"
     shutil.copytree(results / "subj01" / "roi" / "nsdgeneral.zarr", roi)
@@ -226,6 +229,7 @@ def test_usage_errors_exit_2(tmp_path: Path):
                    "--trials-per-chunk", "2").returncode == 2  # fmt: skip
 
 
+@pytest.mark.slow  # builds a whole results/ folder (~30 s)
 def test_info_shows_shapes_codecs_shards_and_sizes(results: Path):
     store = results / "subj01" / "betas" / "session01.zarr"
     text = nsdzarr("info", store)

@@ -124,6 +124,7 @@ def test_bad_source_gives_one_line_and_no_output(tmp_path: Path, make, problem: 
     assert not [p for p in tmp_path.iterdir() if p != source]
 
 
+@pytest.mark.slow  # a 72 MB session in a subprocess
 def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path):
     source = tmp_path / "big.hdf5"
     rng = np.random.default_rng(0)

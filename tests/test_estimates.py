@@ -99,6 +99,7 @@ def test_bad_source_is_one_line_and_no_json(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["betas_session01.hdf5"]
 
 
+@pytest.mark.slow  # a whole Snakemake run
 def test_summary_from_the_demo_run(demo_run: Path, tmp_path: Path):
     estimates = sorted((demo_run / "results/subj01/estimates").glob("*.json"))
     benches = sorted((demo_run / "results/benchmarks").glob("*/*/*.tsv"))

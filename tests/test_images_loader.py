@@ -175,7 +175,8 @@ def epoch(loader: DataLoader, brick: np.ndarray) -> dict:
     return {k: torch.cat([b[k] for b in batches]) for k in ("betas", "trial", "image", "nsd_id")}
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: seconds of worker start-ups (test_loader.py::test_dataloader_two_workers keeps one fast)
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_dataloader_two_workers(stores: list[Path], images: Path, brick: np.ndarray, context: str):
     ds = BetasDataset(stores[0], split="all", normalize="psc", images=images)
     plain = BetasDataset(stores[0], split="all", normalize="psc")

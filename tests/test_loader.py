@@ -444,7 +444,8 @@ def page_sharing(pid: int, addr: int, nbytes: int) -> tuple[int, int, int]:
     return len(entries), int(present.sum()), int((present & exclusive).sum())
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: seconds of worker start-ups (test_loader.py::test_dataloader_two_workers keeps one fast)
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_in_memory_is_one_shared_copy(big_store: Path, tmp_path: Path, context: str):
     ds = BetasDataset(big_store, in_memory=True, normalize="psc")
     assert open_files(big_store)[0] == 0  # decoded at construction, every file closed

@@ -118,10 +118,10 @@ def test_decoder_rejects_wrong_sizes(codec: str, direct: bool, monkeypatch):
     import numcodecs
     import numcodecs.blosc
 
-    from nsdzarr.training import zarr_v3
+    from nsdzarr.training import fallbacks
 
     if not direct:  # as where numcodecs does not export its C symbols
-        monkeypatch.setattr(zarr_v3, "_c_library", lambda module: None)
+        monkeypatch.setenv(fallbacks.ENV, "decoders")
         monkeypatch.setattr(numcodecs.blosc, "use_threads", numcodecs.blosc.use_threads)
     assert Decoder(codec).direct is direct
     row = np.arange(100, dtype=np.int16)

@@ -84,7 +84,8 @@ def trials_of(batches: list[dict]) -> list[list[tuple[str, int]]]:
 # --------------------------------------------------------------------------- one replica
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: seconds of worker start-ups (test_loader.py::test_dataloader_two_workers keeps one fast)
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_seeded_epochs_cover_the_split_once_through_workers(stores, truth, context: str):
     ds = BetasDataset(stores[0])  # train split
     sampler = TrialBatchSampler(ds, 32, seed=7)

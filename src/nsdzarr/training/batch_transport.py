@@ -7,8 +7,9 @@ metadata, into a slot of one memfd it keeps (pages faulted once); the batch pick
 numbers (pool, slot, where each tensor lies) and the main process maps the pool once and
 wraps the slot without copying. A slot is reused only when freed: by the main process once
 none of the batch's tensors is alive (a finalizer on the array behind them), or by the worker
-when the batch was never sent. No free slot (batches kept alive) or no memfd: torch's usual
-path for the betas, small tensors by value.
+when the batch was never sent. No free slot (batches kept alive): fresh shared memory for
+the betas, small tensors by value. Without memfd, /proc or torch's private storage call (or
+with ``NSDZARR_DISABLE_PRIVATE=transport``): torch's standard transport (:mod:`.fallbacks`).
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from nsdzarr.training.fallbacks import ENV, private_transport
+
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A tensor in fresh shared memory, allocated there directly (as torch's collate does)."""
-    numel = math.prod(shape)
+    """A tensor in fresh shared memory, allocated there directly (as torch's collate does);
+    without the private transport a plain one, which torch's pickler moves there."""
+    if not private_transport():
+        return torch.empty(shape, dtype=dtype)
     proto = torch.empty(0, dtype=dtype)
-    try:
-        storage = proto._typed_storage()._new_shared(numel, device="cpu")
-        return proto.new(storage).resize_(*shape)
-    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - private API moved
-        return torch.empty(shape, dtype=dtype).share_memory_()
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).resize_(*shape)
 
 
 _SLOTS = 16
@@ -143,7 +145,13 @@ def _map_pool(key: tuple[int, int, int]) -> Any:
         with contextlib.suppress(BufferError):
             _MAPPED.pop(old).close()
     pid, fd, token = key
-    f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:  # a process of ours, but not readable (the probe saw only itself)
+        raise RuntimeError(
+            f"cannot open DataLoader worker {pid}'s batch buffer ({exc.strerror}); "
+            f"{ENV}=transport uses torch's standard transport"
+        ) from exc
     try:
         mm = mmap.mmap(f, 0)
     finally:
@@ -209,5 +217,6 @@ def _rebuild_batch(
 
 
 def pool_available() -> bool:
-    """Whether this system has memfd and /proc, which the pool needs."""
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    """Whether batch pools work here: memfd, /proc and torch's private storage call (the seam
+    in :mod:`.fallbacks`, probed once; else torch's standard transport, logged once)."""
+    return private_transport()

@@ -16,6 +16,7 @@ import numpy as np
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import BETA_SCALE
 from nsdzarr.outputs import trials_of_roi_store
+from nsdzarr.training.fallbacks import numcodecs_c_library
 from nsdzarr.training.row_reader import whole_rows
 from nsdzarr.training.zarr_v3 import ArrayLayout, parse_layout, read_array, read_json
 
@@ -40,6 +41,8 @@ def row_layout(array_dir: Path) -> tuple[dict, ArrayLayout | None, np.dtype]:
     if lay is not None and not whole_rows(lay):
         lay = None
     require_shards(lay)
+    if lay is not None and lay.codec is not None:
+        numcodecs_c_library(lay.codec)  # probed here, where a fallback warns (workers do not)
     try:
         dtype = lay.dtype if lay is not None else np.dtype(str(meta.get("data_type")))
     except TypeError as exc:

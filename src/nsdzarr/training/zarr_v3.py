@@ -3,15 +3,14 @@
 Metadata (``zarr.json``), shard indexes and chunk decoding (``bytes`` then zstd or blosc),
 shared by the training loader's row reader and the converter's whole-shard reads. Decoding
 calls the zstd and blosc libraries bundled in numcodecs through ctypes, straight into the
-destination buffer with the GIL released; without those symbols it goes through zstandard
-or numcodecs (one extra copy, more overhead per chunk).
+destination buffer with the GIL released; without those symbols (or with
+``NSDZARR_DISABLE_PRIVATE=decoders``, :mod:`.fallbacks`) it goes through zstandard or numcodecs
+(one extra copy, more overhead per chunk).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import importlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import google_crc32c
 import numpy as np
 
 from nsdzarr.errors import InputError
+from nsdzarr.training.fallbacks import numcodecs_c_library
 
 EMPTY = 2**64 - 1  # offset and size of an empty chunk in a shard index
 
@@ -142,31 +142,6 @@ def parse_layout(array_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Arr
     return meta, layout
 
 
-_PTR, _SIZE = ctypes.c_void_p, ctypes.c_size_t
-_SIGNATURES = {  # numcodecs module: {function: (restype, argtypes)}
-    "zstd": {
-        "ZSTD_createDCtx": (_PTR, []),
-        "ZSTD_freeDCtx": (_SIZE, [_PTR]),
-        "ZSTD_decompressDCtx": (_SIZE, [_PTR, _PTR, _SIZE, _PTR, _SIZE]),
-    },
-    "blosc": {"blosc_decompress_ctx": (ctypes.c_int, [_PTR, _PTR, _SIZE, ctypes.c_int])},
-}
-
-
-@functools.cache
-def _c_library(module: str) -> Any:
-    """The C library inside a numcodecs extension module, our functions declared; None if its
-    symbols are not exported (then zstandard / numcodecs decode instead)."""
-    try:
-        lib = ctypes.CDLL(importlib.import_module(f"numcodecs.{module}").__file__)
-        for name, (restype, argtypes) in _SIGNATURES[module].items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-    except (ImportError, OSError, AttributeError, TypeError):  # pragma: no cover
-        return None
-    return lib
-
-
 class Decoder:
     """Decode encoded chunks into buffers of their exact decoded size (one per thread)."""
 
@@ -176,7 +151,7 @@ class Decoder:
         self.codec = codec
         self._lib = self._dctx = self._py = None
         if codec == "zstd":
-            self._lib = _c_library("zstd")
+            self._lib = numcodecs_c_library("zstd")
             if self._lib is not None:
                 self._dctx = self._lib.ZSTD_createDCtx()
             else:
@@ -184,7 +159,7 @@ class Decoder:
 
                 self._py = zstandard.ZstdDecompressor()
         elif codec == "blosc":
-            self._lib = _c_library("blosc")
+            self._lib = numcodecs_c_library("blosc")
             if self._lib is None:
                 import numcodecs.blosc
 
