@@ -278,6 +278,11 @@ def _n_text(n: int, sessions: list[int]) -> str:
     return f"n = {n} images shown twice in {word} {session_ranges(sessions)}"
 
 
+def reliability_counts(r: np.ndarray, n: int) -> dict[str, int]:
+    """What a reliability figure rests on: images shown twice, ROI voxels, voxels with an r."""
+    return {"images": n, "voxels": len(r), "voxels_with_r": int(np.isfinite(r).sum())}
+
+
 def plot_reliability_hist(
     r: np.ndarray, n: int, sessions: list[int], path: StrPath, title: str
 ) -> None:
@@ -296,7 +301,7 @@ def plot_reliability_hist(
     ax.set_xlabel("split-half reliability r (first vs second presentation, across images)")
     ax.set_ylabel(f"voxels (of {len(r)})")
     ax.set_title(title)
-    save_png(fig, path)
+    save_png(fig, path, reliability_counts(r, n))
 
 
 def _axis_coords(affine: np.ndarray, axis: int, size: int) -> tuple[np.ndarray, str]:
@@ -360,7 +365,7 @@ def plot_reliability_slices(
     bar.set_label("split-half r")
     note = "" if len(finite) else " - too few repeats: no value (dark grey = ROI)"
     fig.suptitle(f"{title} ({_n_text(n, sessions)}){note}")
-    save_png(fig, path)
+    save_png(fig, path, reliability_counts(r, n))
 
 
 def write_roi_reliability(
