@@ -11,7 +11,20 @@ from snakemake.utils import validate
 # Paths relative to this file, not workflow.basedir: used as a Snakemake module, basedir is
 # the caller's folder.
 RULES_DIR = Path(workflow.current_basedir)
-sys.path.insert(0, str(RULES_DIR.parent / "src"))
+
+# The rules and scripts import the installed package (never this checkout's src/ by path).
+try:
+    import nsdzarr
+except ModuleNotFoundError as err:
+    if err.name != "nsdzarr":
+        raise
+    raise WorkflowError(
+        f"the nsdzarr package is not installed for {sys.executable}: "
+        f"run `pip install -e {RULES_DIR.parent}` first"
+    ) from None
+
+# `--sdm conda`: envs/nsdzarr.post-deploy.sh installs this checkout into the rules' env.
+os.environ["NSDZARR_WORKFLOW_DIR"] = str(RULES_DIR.parent)
 
 # Only light modules here: every Snakemake process, also the one inside each SLURM job,
 # imports them, and their memory counts against the job's request.

@@ -1,9 +1,5 @@
 """Snakemake adapter: one session HDF5 -> sharded Zarr v3 store."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.convert import convert_session
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.memory import budget_bytes

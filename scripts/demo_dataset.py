@@ -1,9 +1,5 @@
 """Snakemake adapter: generate the miniature NSD release."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.demo import DemoSpec, write_demo
 from nsdzarr.prepare.jobs import run_job
 

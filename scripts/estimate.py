@@ -1,9 +1,5 @@
 """Snakemake adapter: size and memory estimate of one session."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.estimate import write_session_estimate
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.storage import StorageSettings

@@ -1,9 +1,5 @@
 """Snakemake adapter: estimates table, Markdown report and requested-vs-measured plots."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.summary import write_summary
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: per-session mean and std of a subject's ROI betas (session drift)."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.qc import plot_session_drift
 

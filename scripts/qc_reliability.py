@@ -1,9 +1,5 @@
 """Snakemake adapter: split-half reliability of one ROI store (NIfTI, histogram, slices)."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.qc import write_roi_reliability
 

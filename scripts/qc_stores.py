@@ -1,9 +1,5 @@
 """Snakemake adapter: a subject's session store sizes, compression ratios and file counts."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.qc import write_store_sizes
 

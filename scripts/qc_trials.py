@@ -1,9 +1,5 @@
 """Snakemake adapter: a subject's trial counts per session and split."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.qc import plot_trial_counts
 

@@ -1,9 +1,5 @@
 """Snakemake adapter: one session's rows of one ROI store."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.roi import extract_session
 from nsdzarr.prepare.storage import StorageSettings

@@ -1,9 +1,5 @@
 """Snakemake adapter: assemble a subject's ROI store from its per-session parts."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.roi import finish_store
 from nsdzarr.prepare.storage import StorageSettings

@@ -1,9 +1,5 @@
 """Snakemake adapter: the stimulus HDF5 -> sharded, verified Zarr v3 image store."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.stimuli import build_image_store
 from nsdzarr.prepare.storage import StimuliStorage

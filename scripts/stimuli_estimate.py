@@ -1,9 +1,5 @@
 """Snakemake adapter: size, memory and runtime estimate of the stimulus image store."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.estimate import write_stimuli_estimate
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.storage import StimuliStorage

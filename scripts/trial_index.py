@@ -1,9 +1,5 @@
 """Snakemake adapter: trial -> image index tables of one subject."""
 
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")
-
 from nsdzarr.prepare.jobs import run_job
 from nsdzarr.prepare.trials import write_trial_tables
 

@@ -310,3 +310,52 @@ def test_verify_passes_what_the_demo_workflow_wrote(demo_run: Path):
     subj = demo_run / "results" / "subj01"
     expected = {str(subj / "betas" / f"session{s:02d}.zarr") for s in SESSIONS}
     assert expected | {str(subj / "roi" / f"{r}.zarr") for r in ("nsdgeneral", "V1")} <= ok
+
+
+@pytest.mark.slow
+def test_plan_of_the_stimuli_job_matches_the_workflow_estimate(demo_run: Path):
+    """The image store's size, files and memory request equal the demo run's stimuli_estimate
+    (subset trials, sizes [4], raw)."""
+    workflow = json.loads((demo_run / "results/stimuli/estimate.json").read_text())
+    root = demo_run / "resources/demo_nsd"
+    args = ["plan", "--nsd-root", root, "--subjects", "subj01", "--stimuli-sizes", "4"]
+    proc = nsdzarr(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    images = json.loads(proc.stdout)["stimuli"]
+    for key in ("n_images", "sizes", "storage", "raw_bytes", "resized_bytes", "store_bytes",
+                "store_files", "jobs"):  # fmt: skip
+        assert images[key] == workflow[key], key
+    # the same file: the workflow names it relative to its working folder
+    source = images["source"] | {"path": str(Path(images["source"]["path"]).resolve())}
+    local = workflow["source"]["path"]
+    assert source == workflow["source"] | {"path": str((demo_run / local).resolve())}
+    store = zarr.open_group(demo_run / "results/stimuli/images.zarr", mode="r")
+    assert images["n_images"] == store["images"].shape[0]
+    table = nsdzarr(*args)
+    job = images["jobs"]["stimuli"]
+    line = f"stimuli  {images['n_images']} images (shown in the planned sessions; resized: 4x4)"
+    assert line in table.stdout and f"stimuli job {job['mem_mb']} MB" in table.stdout
+
+
+@pytest.mark.slow
+def test_plan_of_the_stimuli_job_follows_subset_sessions_and_switch(demo_root: Path, tmp_path):
+    base = ["plan", "--nsd-root", demo_root, "--subjects", "subj01", "--json"]
+    one = json.loads(nsdzarr(*base, "--sessions", "2").stdout)["stimuli"]
+    trials = write_trial_tables(
+        layout.design_path(demo_root), "subj01", [2], *(tmp_path / n for n in ("t", "j", "i"))
+    )
+    assert one["n_images"] == len(np.unique(trials["nsd_id"])) < 750  # session 2 repeats some
+    every = json.loads(nsdzarr(*base, "--stimuli-subset", "all").stdout)["stimuli"]
+    assert every["n_images"] == 73_000 and every["store_bytes"] > 50 * one["store_bytes"]
+    assert json.loads(nsdzarr(*base, "--stimuli", "no").stdout)["stimuli"] is None
+    facts = json.loads(nsdzarr("plan", "--subjects", "subj01", "subj02", "--json").stdout)
+    real = facts["stimuli"]
+    assert real["n_images"] == 1000 + 2 * 9000 and real["source"]["shape"] == [73_000, 425, 425, 3]
+    assert real["raw_bytes"] == 19_000 * 425 * 425 * 3
+    assert 0 < real["jobs"]["stimuli"]["mem_mb"] <= 16000
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_root, bare)
+    layout.stimuli_path(bare).unlink()
+    assert json.loads(nsdzarr(*base[:2], bare, *base[3:]).stdout)["stimuli"] is None
+    wanted = nsdzarr(*base[:2], bare, *base[3:], "--stimuli", "yes")
+    assert wanted.returncode == 1 and "stimulus file not found" in wanted.stderr

@@ -100,3 +100,11 @@ def test_optional_imports_are_extras():
     for module, extra in OPTIONAL.items():
         assert module in imported_modules(), f"{module} is no longer imported: drop it here"
         assert DISTRIBUTIONS.get(module, module) in {requirement_name(d) for d in extras[extra]}
+
+
+def test_the_conda_env_installs_the_package_itself():
+    """--sdm conda: pip and setuptools in the env, and the post-deploy script that Snakemake runs
+    beside an env file installs the checkout (tests/test_install.py runs it)."""
+    assert {"pip", "setuptools"} <= conda_packages()
+    script = (REPO / "envs" / "nsdzarr.post-deploy.sh").read_text()
+    assert '--no-deps --no-build-isolation --editable "$NSDZARR_WORKFLOW_DIR"' in script

@@ -186,6 +186,25 @@ def test_report_embeds_every_qc_figure(demo_run: Path):
 
 
 @pytest.mark.slow
+def test_demo_reliability_figures_rest_on_repeated_images(demo_run: Path):
+    """The demo's sessions repeat images: each reliability figure has pairs and voxels with r."""
+    from PIL import Image
+
+    for roi in ("nsdgeneral", "V1"):
+        r, n = roi_reliability(
+            demo_run / f"results/subj01/roi/{roi}.zarr", demo_run / "results/subj01/trials.tsv"
+        )
+        assert n > 100 and np.isfinite(r).all(), roi
+        assert np.median(r) > 0.2, roi  # the demo's responses repeat with the image
+        for kind in ("hist", "slices"):
+            with Image.open(
+                demo_run / f"results/summary/subj01_{roi}_reliability_{kind}.png"
+            ) as png:
+                counts = {key: int(png.text[key]) for key in ("images", "voxels", "voxels_with_r")}
+            assert counts == {"images": n, "voxels": len(r), "voxels_with_r": len(r)}, kind
+
+
+@pytest.mark.slow
 def test_demo_reliability_nifti_matches_its_roi(demo_run: Path):
     for roi in ("nsdgeneral", "V1"):
         img = nib.load(demo_run / f"results/summary/subj01_{roi}_reliability.nii.gz")

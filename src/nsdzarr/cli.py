@@ -71,7 +71,7 @@ def _sessions(values: list[str]) -> list[int] | None:
 
 def _plan(args: argparse.Namespace) -> int:
     from nsdzarr.prepare.plan import format_plan, plan_release
-    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.storage import StimuliStorage, StorageSettings
 
     try:
         settings = StorageSettings(
@@ -80,6 +80,7 @@ def _plan(args: argparse.Namespace) -> int:
             trials_per_chunk=args.trials_per_chunk,
             trials_per_shard=args.trials_per_shard,
         )
+        images = StimuliStorage(codec=args.stimuli_codec, images_per_shard=args.images_per_shard)
     except ValueError as err:
         print(f"nsdzarr plan: {err}", file=sys.stderr)
         return 2
@@ -94,6 +95,10 @@ def _plan(args: argparse.Namespace) -> int:
         args.factor,
         dict(args.roi or []),
         args.sample,
+        args.stimuli,
+        args.stimuli_subset,
+        args.stimuli_sizes,
+        images,
     )
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
@@ -165,6 +170,25 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--level", type=int, default=1)
     plan.add_argument("--trials-per-chunk", type=int, default=1)
     plan.add_argument("--trials-per-shard", type=int, default=50)
+    plan.add_argument(
+        "--stimuli",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="plan the image store: auto (default) when the release has nsd_stimuli.hdf5",
+    )
+    plan.add_argument(
+        "--stimuli-subset",
+        default="trials",
+        choices=["trials", "all"],
+        help="stimuli.subset: the images the planned sessions show (default), or every one",
+    )
+    plan.add_argument(
+        "--stimuli-sizes", nargs="*", type=int, default=[], metavar="S", help="stimuli.sizes"
+    )
+    plan.add_argument(
+        "--stimuli-codec", default="none", choices=["none", "blosc-lz4", "blosc-zstd", "zstd"]
+    )
+    plan.add_argument("--images-per-shard", type=int, default=50, help="stimuli.images_per_shard")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=_plan)
     return top

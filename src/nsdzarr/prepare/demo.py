@@ -28,6 +28,8 @@ from nsdzarr.prepare.provenance import demo_marker, require_demo_target
 
 SESSIONS_IN_DESIGN = 40  # the demo design covers as many sessions as the longest subject
 VOXEL_MM = 1.8
+# Shortest lag between two showings of an image, as a fraction of the experiment left.
+MIN_LAG = 1e-3
 VISUAL_ROI_LABELS = ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4")
 
 
@@ -64,6 +66,19 @@ def roi_volumes(shape_xyz: tuple[int, int, int]) -> dict[str, np.ndarray]:
     return dict(zip(ROI_FILES, (general, visual), strict=True))
 
 
+def showing_order(rng: np.random.Generator, showings: int = 3) -> np.ndarray:
+    """1-based 10k image per trial: every image shown ``showings`` times, at lags from a few
+    trials to months, as in NSD (so a few sessions already repeat hundreds of images)."""
+    # Times in (0, 1): the first showing uniform, each next one a log-uniform fraction
+    # (MIN_LAG..1) of the time left; the trials are the times in order.
+    times = [rng.uniform(0, 1, N_IMAGES_10K)]
+    for _ in range(showings - 1):
+        lag = np.exp(rng.uniform(np.log(MIN_LAG), 0, N_IMAGES_10K))
+        times.append(times[-1] + lag * (1 - times[-1]))
+    order = np.argsort(np.concatenate(times), kind="stable")
+    return order % N_IMAGES_10K + 1
+
+
 def make_design(seed: int) -> dict[str, np.ndarray]:
     """An ``nsd_expdesign.mat``-like design: 1-based ids, shared1000 first in each row."""
     rng = np.random.default_rng(seed)
@@ -74,9 +89,7 @@ def make_design(seed: int) -> dict[str, np.ndarray]:
     for s in range(MAX_SUBJECTS):
         own = pool[N_SHARED + s * per_subject : N_SHARED + (s + 1) * per_subject]
         subjectim[s] = np.concatenate([sharedix, own])
-    # every 10k image shown three times, each showing in a different third of the experiment
-    thirds = [rng.permutation(N_IMAGES_10K) + 1 for _ in range(3)]
-    masterordering = np.concatenate(thirds).astype(np.float64)[None, :]
+    masterordering = showing_order(rng)[None, :].astype(np.float64)
     stimpattern = np.zeros((SESSIONS_IN_DESIGN, RUNS_PER_SESSION, SLOTS_PER_RUN), dtype=np.float64)
     for run, n in enumerate(run_lengths()):
         slots = np.linspace(3, SLOTS_PER_RUN - 4, n).round().astype(int)

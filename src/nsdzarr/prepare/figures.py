@@ -21,12 +21,14 @@ def new_figure(width: float = 8.0, height: float = 5.0, **subplots: Any) -> tupl
     return plt.subplots(figsize=(width, height), dpi=DPI, layout="constrained", **subplots)
 
 
-def save_png(fig: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``fig`` as a PNG atomically and free it."""
+def save_png(fig: Any, path: str | os.PathLike[str], counts: dict[str, int] | None = None) -> None:
+    """Write ``fig`` as a PNG atomically and free it; ``counts`` (the numbers behind the figure,
+    e.g. images used) go into the PNG's text chunks, readable with Pillow's ``Image.text``."""
     import matplotlib.pyplot as plt
 
+    metadata = {key: str(value) for key, value in (counts or {}).items()}
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=metadata)
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from nsdzarr.nsd_facts import SESSIONS, TRIALS_PER_SESSION, VOLUMES_XYZ
@@ -10,6 +11,21 @@ from nsdzarr.prepare.storage import StorageSettings
 
 # raw / stored of zstd-1 on a real-size synthetic session (benchmarks/README.md, convert.py)
 ASSUMED_COMPRESSION_RATIO = 3.4
+# nsd_stimuli.hdf5: imgBrick, every 73k image at 425 x 425 RGB (its HDF5 chunking unknown)
+STIMULI_SHAPE = (73_000, 425, 425, 3)
+
+
+def stimuli_metadata() -> dict[str, Any]:
+    """What the header of ``nsd_stimuli.hdf5`` says (one image per chunk assumed)."""
+    return {
+        "path": "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5",
+        "dataset": "imgBrick",
+        "shape": list(STIMULI_SHAPE),
+        "dtype": "|u1",
+        "chunks": None,
+        "compression": None,
+        "file_bytes": math.prod(STIMULI_SHAPE),
+    }
 
 
 def session_metadata(subject: str, space: str) -> dict[str, Any]:

@@ -12,16 +12,19 @@ import numpy as np
 
 from nsdzarr import nsd_facts
 from nsdzarr.errors import InputError
-from nsdzarr.prepare import layout, nsd
+from nsdzarr.prepare import layout, nsd, trials
 from nsdzarr.prepare.estimate import (
     count_roi_voxels,
     estimate_from_metadata,
     sample_compression_ratio,
     session_metadata,
+    stimuli_compression_ratio,
+    stimuli_estimate,
 )
 from nsdzarr.prepare.memory import estimate_peak, request_mb
 from nsdzarr.prepare.resources import estimate_job_mem_mb
-from nsdzarr.prepare.storage import StorageSettings
+from nsdzarr.prepare.stimuli import select_ids, stimuli_metadata
+from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage, StorageSettings
 
 SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
 
@@ -70,6 +73,49 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def plan_stimuli(
+    root: Path | None,
+    shown: dict[str, list[int]],
+    subset: str = "trials",
+    sizes: list[int] | None = None,
+    settings: StimuliStorage | None = None,
+    ceiling_mb: int | None = 16000,
+    factor: float = 1.0,
+    sample: bool = False,
+) -> dict[str, Any]:
+    """The stimuli job's estimate, as the workflow's stimuli_estimate computes it.
+
+    ``shown`` maps each subject to its planned sessions; ``subset`` "trials" holds the images
+    they show (read from the design; without ``root``, at most every image of the subjects),
+    "all" every row. A compressed codec's ratio is measured only with ``sample`` (else 1).
+    """
+    settings = settings or STIMULI_STORAGE
+    if root is None:
+        meta = nsd.stimuli_metadata()
+        n_rows = meta["shape"][0]
+        own = trials.N_IMAGES_10K - trials.N_SHARED
+        n_images = min(n_rows, trials.N_SHARED + own * len(shown))
+        counted = "all" if subset == "all" else "at most the subjects' 10k images"
+        n_images = n_rows if subset == "all" else n_images
+        ratio = 1.0
+    else:
+        source = layout.stimuli_path(root)
+        meta = stimuli_metadata(source)
+        n_rows = meta["shape"][0]
+        ids = None
+        if subset == "trials":
+            design_file = layout.design_path(root)
+            design = trials.load_design(design_file)
+            ids = np.concatenate(
+                [trials.trial_table(design, s, n, design_file)["nsd_id"] for s, n in shown.items()]
+            )
+        n_images = len(select_ids(source, ids, n_rows))
+        counted = "all" if subset == "all" else "shown in the planned sessions"
+        ratio = stimuli_compression_ratio(source, settings) if sample else 1.0
+    est = stimuli_estimate(meta, n_images, sizes or [], settings, ceiling_mb, factor, ratio)
+    return est | {"subset": subset, "images_counted": counted}
+
+
 def plan_release(
     subjects: list[str],
     nsd_root: str | os.PathLike[str] | None = None,
@@ -81,20 +127,29 @@ def plan_release(
     factor: float = 1.0,
     rois: dict[str, tuple[str, list[int] | None]] | None = None,
     sample: bool = False,
+    stimuli: str = "auto",
+    stimuli_subset: str = "trials",
+    stimuli_sizes: list[int] | None = None,
+    stimuli_settings: StimuliStorage | None = None,
 ) -> dict[str, Any]:
-    """Per-session estimates (sizes, and ``mem_mb`` / ``runtime_min`` per job) and totals.
+    """Per-session estimates (sizes, and ``mem_mb`` / ``runtime_min`` per job), the stimuli
+    job's and totals.
 
     ``sessions`` None means every session present; ``rois`` maps a name to (atlas file in the
     subject's roi folder, labels); ``sample`` measures the compression ratio on a few planes
     of each file, as the workflow's estimate job does, instead of assuming the NSD ratio.
+    ``stimuli`` "auto" plans the image store when the release has the stimulus file (always
+    for the NSD facts), "yes" requires it, "no" leaves it out (see :func:`plan_stimuli`).
     """
     settings = settings or StorageSettings()
     root = Path(nsd_root) if nsd_root is not None else None
     if root is None and (rois or sample):
         raise InputError("--nsd-root", "ROI sizes and sampled ratios need the release's files")
     rows = []
+    shown: dict[str, list[int]] = {}
     for subject in subjects:
         numbers = _subject_sessions(subject, root, space, beta_version, sessions)
+        shown[subject] = numbers
         roi_voxels = {
             name: count_roi_voxels(layout.roi_path(root, subject, space, file), labels)
             for name, (file, labels) in (rois or {}).items()
@@ -126,6 +181,15 @@ def plan_release(
                     "jobs": {"estimate": {"mem_mb": est_mem}, **est["jobs"]},
                 }
             )
+    present = root is None or layout.stimuli_path(root).is_file()
+    if stimuli == "yes" and not present:
+        raise InputError(layout.stimuli_path(root or ""), "stimulus file not found")
+    images = None
+    if stimuli == "yes" or (stimuli == "auto" and present):
+        images = plan_stimuli(
+            root, shown, stimuli_subset, stimuli_sizes, stimuli_settings, ceiling_mb, factor,
+            sample,
+        )  # fmt: skip
     return {
         "nsd_root": None if root is None else str(root),
         "space": space,
@@ -137,6 +201,7 @@ def plan_release(
         "sessions": rows,
         "subjects": {s: _totals([r for r in rows if r["subject"] == s]) for s in subjects},
         "total": _totals(rows),
+        "stimuli": images,
     }
 
 
@@ -173,5 +238,15 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{name:8} {str(tot['sessions']) + ' ses':>7} {_mb(tot['raw_bytes']):>9} "
             f"{_mb(tot['store_bytes']):>9} {tot['store_files']:6d} {mems} {conv:11d} "
             "total (MB: largest request)"
+        )
+    images = plan.get("stimuli")
+    if images:
+        job = images["jobs"]["stimuli"]
+        sizes = ", ".join(f"{s}x{s}" for s in images["sizes"]) or "none"
+        lines.append(
+            f"stimuli  {images['n_images']} images ({images['images_counted']}; resized: "
+            f"{sizes}): raw {_mb(images['raw_bytes'] + images['resized_bytes'])} MB, store "
+            f"{_mb(images['store_bytes'])} MB in {images['store_files']} files; stimuli job "
+            f"{job['mem_mb']} MB, {job['runtime_min']} min"
         )
     return "\n".join(lines)

@@ -94,10 +94,15 @@ def plot_store_sizes(rows: list[dict[str, Any]], path: StrPath) -> None:
     ax.set_title("Compression ratio")
     ax = axes[2]
     if rows:
-        ax.bar(sessions - w / 2, [r["predicted_files"] for r in rows], w, label="predicted")
-        ax.bar(sessions + w / 2, [r["store_files"] for r in rows], w, label="on disk")
+        for shift, key, label in (
+            (-w / 2, "predicted_files", "predicted"),
+            (w / 2, "store_files", "on disk"),
+        ):
+            bars = ax.bar(sessions + shift, [r[key] for r in rows], w, label=label)
+            ax.bar_label(bars, label_type="center")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_ylabel("files per store")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # no 17.5 files
     ax.set_title("File count (shards + metadata)")
     ax.set_xlabel("session")
     if rows:
@@ -278,6 +283,11 @@ def _n_text(n: int, sessions: list[int]) -> str:
     return f"n = {n} images shown twice in {word} {session_ranges(sessions)}"
 
 
+def reliability_counts(r: np.ndarray, n: int) -> dict[str, int]:
+    """What a reliability figure rests on: images shown twice, ROI voxels, voxels with an r."""
+    return {"images": n, "voxels": len(r), "voxels_with_r": int(np.isfinite(r).sum())}
+
+
 def plot_reliability_hist(
     r: np.ndarray, n: int, sessions: list[int], path: StrPath, title: str
 ) -> None:
@@ -296,7 +306,7 @@ def plot_reliability_hist(
     ax.set_xlabel("split-half reliability r (first vs second presentation, across images)")
     ax.set_ylabel(f"voxels (of {len(r)})")
     ax.set_title(title)
-    save_png(fig, path)
+    save_png(fig, path, reliability_counts(r, n))
 
 
 def _axis_coords(affine: np.ndarray, axis: int, size: int) -> tuple[np.ndarray, str]:
@@ -357,10 +367,10 @@ def plot_reliability_slices(
         ax.set_ylabel(f"{names[b]} ({unit_b})")
         ax.set_title(f"{label}, {names[fixed]} = {cf[centre[fixed]]:.1f} {unit_f}")
     bar = fig.colorbar(image, ax=list(axes), shrink=0.85)
-    bar.set_label("split-half r")
+    bar.set_label("split-half reliability r (Pearson, unitless)")
     note = "" if len(finite) else " - too few repeats: no value (dark grey = ROI)"
     fig.suptitle(f"{title} ({_n_text(n, sessions)}){note}")
-    save_png(fig, path)
+    save_png(fig, path, reliability_counts(r, n))
 
 
 def write_roi_reliability(

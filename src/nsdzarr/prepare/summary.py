@@ -207,6 +207,8 @@ def plot_runtime_requested_vs_measured(
     peaks: list[dict[str, Any]], path: str | os.PathLike[str]
 ) -> None:
     """Per job: the requested runtime against the wall time its benchmark file measured."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
     fig, ax = new_figure(9, 5.5)
     if peaks:
         x = _job_axis(ax, peaks)
@@ -225,6 +227,10 @@ def plot_runtime_requested_vs_measured(
             label="measured wall time (Snakemake benchmark)",
         )
         ax.set_yscale("log")
+        # headroom above the requests, and labels at 1-2-5 steps (decades alone say little)
+        ax.set_ylim(top=max(p["requested_runtime_min"] * 60 for p in peaks) * 2)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         fig.legend(loc="outside lower center", ncols=2)
     else:
         no_data(ax, "no benchmark files yet")
