@@ -298,7 +298,10 @@ def roi_mask_path(subject, roi):
     file = config["rois"][roi]["file"]
     if SURFACE:
         return [
-            str(p) for p in layout.surface_label_paths(NSD_ROOT, subject, config["space"], file)
+            str(p)
+            for p in layout.surface_label_paths(
+                NSD_ROOT, subject, config["space"], file
+            )
         ]
     return str(layout.roi_path(NSD_ROOT, subject, config["space"], file))
 
@@ -332,7 +335,9 @@ def subject_rois(wildcards):
 def subject_roi_masks(wildcards):
     """The distinct atlas files a subject's ROIs use."""
     paths = (path for path, _labels in subject_rois(wildcards).values())
-    return sorted({p for path in paths for p in ([path] if isinstance(path, str) else path)})
+    return sorted(
+        {p for path in paths for p in ([path] if isinstance(path, str) else path)}
+    )
 
 
 def heavy_outputs():
@@ -382,9 +387,11 @@ def qc_outputs():
     if config["rois"]:
         per_subject.append("roi_session_drift.png")
     # split-half reliability is mapped onto the subject's NIfTI grid: volume spaces only
-    per_roi = [] if SURFACE else [
-        "reliability.nii.gz", "reliability_hist.png", "reliability_slices.png"
-    ]
+    per_roi = (
+        []
+        if SURFACE
+        else ["reliability.nii.gz", "reliability_hist.png", "reliability_slices.png"]
+    )
     return expand(
         "results/summary/{subject}_{name}", subject=SUBJECTS, name=per_subject
     ) + expand(
