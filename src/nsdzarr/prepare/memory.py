@@ -153,6 +153,13 @@ def roi_session_peak(
     )
 
 
+# Vertex blocks read through h5py from HDF5 files with one chunk per vertex: HDF5 holds ~14 KB
+# per chunk of a read's selection (measured: 575 MB for a 64 MB block of 42k (750, 1) chunks,
+# 40 MB for 2 MB blocks; benchmarks/README.md), so blocks stay small.
+SURFACE_HDF5_BLOCK_BYTES = 4 * MB
+HDF5_SELECTION_BYTES_PER_CHUNK = 14 * 1024
+
+
 def surface_convert_peak(
     n_trials: int,
     vertices: tuple[int, ...] | list[int],
@@ -165,7 +172,10 @@ def surface_convert_peak(
     the file's chunks span every trial (it is read in vertex blocks, then written by shards)."""
     largest = max(vertices)
     shard = min(trials_per_shard, n_trials) * largest * itemsize
-    held = n_trials * largest * itemsize if whole_hemisphere else 0
+    held = 0
+    if whole_hemisphere:  # the hemisphere, one vertex block and HDF5's selection of its chunks
+        held = n_trials * largest * itemsize + SURFACE_HDF5_BLOCK_BYTES
+        held += SURFACE_HDF5_BLOCK_BYTES // (n_trials * itemsize) * HDF5_SELECTION_BYTES_PER_CHUNK
     return BASELINE_BYTES + held + int((2 + SHARD_WORK_FACTOR) * shard) + n_trials * 8
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from nsdzarr.errors import InputError, unreadable
 from nsdzarr.prepare.hdf5_open import open_hdf5
 from nsdzarr.prepare.layout import BETA_SCALE, BETA_UNITS, HEMISPHERES, TRIALS_PER_SESSION
-from nsdzarr.prepare.memory import READ_BUFFER_BYTES
+from nsdzarr.prepare.memory import READ_BUFFER_BYTES, SURFACE_HDF5_BLOCK_BYTES
 
 # fsaverage betas are float32 percent signal change as they are (NSD data manual).
 PSC_UNITS = "percent signal change"
@@ -43,10 +43,10 @@ def scale_and_units(dtype: np.dtype) -> tuple[int, str]:
 class HemisphereReader:
     """One hemisphere's betas as ``(trials, vertices)``, read in layout-following blocks."""
 
-    def __init__(self, path: str | os.PathLike[str], block_bytes: int = READ_BUFFER_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike[str], block_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.hemisphere = hemisphere_of(path)
-        self.block_bytes = block_bytes
+        self._block_bytes = block_bytes
         self._file: h5py.File | None = None
         if self.path.suffix == ".mgh":
             self._open_mgh()
@@ -95,6 +95,13 @@ class HemisphereReader:
         # chunks holding every trial of a few vertices: trial blocks would read each chunk again
         self.whole_hemisphere = bool(dset.chunks and dset.chunks[0] == self.shape[0] > 1)
         self.vertex_step = dset.chunks[1] if dset.chunks else 1
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes per read block: small vertex blocks for per-vertex HDF5 chunks (memory.py)."""
+        if self._block_bytes is not None:
+            return self._block_bytes
+        return SURFACE_HDF5_BLOCK_BYTES if self.whole_hemisphere else READ_BUFFER_BYTES
 
     def close(self) -> None:
         """Close the HDF5 file (MGH proxies hold no file open)."""
