@@ -291,3 +291,17 @@ def test_nan_betas(tmp_path: Path) -> None:
         convert_session([lh, rh], tmp_path / "s.zarr")
     assert str(err.value) == f"{lh}: betas hold NaN or inf values, first at trial 400"
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_verify_compares_surface_checksums(tmp_path: Path) -> None:
+    """``nsdzarr verify`` checks each hemisphere against the source's per-trial checksums."""
+    from nsdzarr.prepare.check import check_store
+
+    target = tmp_path / "s.zarr"
+    convert_session(make_session(tmp_path, "nativesurface", 1), target)
+    assert check_store(target) == []
+    arr = zarr.open_array(target / "rh", mode="r+")
+    arr[3] = arr[3] + 1  # a valid chunk holding other values
+    problems = [str(p) for p in check_store(target)]
+    assert len(problems) == 1 and "trial 3 differs from its source" in problems[0]
+    assert problems[0].startswith(str(target / "rh" / "c" / "0" / "0"))
