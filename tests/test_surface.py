@@ -305,3 +305,16 @@ def test_verify_compares_surface_checksums(tmp_path: Path) -> None:
     problems = [str(p) for p in check_store(target)]
     assert len(problems) == 1 and "trial 3 differs from its source" in problems[0]
     assert problems[0].startswith(str(target / "rh" / "c" / "0" / "0"))
+
+
+def test_vertex_blocks_without_wanted_vertices_are_skipped(tmp_path: Path) -> None:
+    from nsdzarr.prepare.surface import HemisphereReader
+
+    path = make_session(tmp_path, "nativesurface", 1)[0]
+    wanted = np.array([3, 4, 150])
+    with HemisphereReader(path, block_bytes=750 * 2 * 16) as reader:
+        spans = [(cols, block) for _rows, cols, block in reader.blocks(7, wanted)]
+    assert [c.start for c, _ in spans] == [0, 144]
+    want = source_rows(path)
+    for cols, block in spans:
+        assert np.array_equal(block, want[:, cols])

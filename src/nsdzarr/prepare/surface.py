@@ -129,14 +129,21 @@ class HemisphereReader:
             ) from None
         return np.ascontiguousarray(raw, dtype=self.dtype)
 
-    def blocks(self, trials_per_block: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
-        """``(trials, vertices, block)`` covering the matrix in the file's natural order."""
+    def blocks(
+        self, trials_per_block: int, wanted: np.ndarray | None = None
+    ) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """``(trials, vertices, block)`` covering the matrix in the file's natural order (vertex
+        blocks holding none of the sorted ``wanted`` vertices are skipped)."""
         t, v = self.shape
         item = self.dtype.itemsize
         if self.whole_hemisphere:
             step = self.vertex_step * max(1, self.block_bytes // (t * self.vertex_step * item))
             for v0 in range(0, v, step):
                 v1 = min(v0 + step, v)
+                if wanted is not None and np.searchsorted(wanted, v0) == np.searchsorted(
+                    wanted, v1
+                ):
+                    continue
                 yield slice(0, t), slice(v0, v1), self.read(0, t, v0, v1)
         else:
             for t0 in range(0, t, trials_per_block):

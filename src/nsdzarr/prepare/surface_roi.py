@@ -132,7 +132,7 @@ def read_surface_columns(
         for reader in session.readers:
             cols = mask.hemisphere_vertices(reader.hemisphere)
             dest = out[:, start : start + len(cols)]
-            for rows, span, block in reader.blocks(64):
+            for rows, span, block in reader.blocks(64, cols):
                 inside = (cols >= span.start) & (cols < span.stop)
                 dest[rows, np.flatnonzero(inside)] = block[:, cols[inside] - span.start]
             start += len(cols)
