@@ -318,3 +318,13 @@ def test_vertex_blocks_without_wanted_vertices_are_skipped(tmp_path: Path) -> No
     want = source_rows(path)
     for cols, block in spans:
         assert np.array_equal(block, want[:, cols])
+
+
+def test_hdf5_with_vertices_first(tmp_path: Path) -> None:
+    lh, rh = make_session(tmp_path, "nativesurface", 1)
+    with h5py.File(rh, "w") as f:
+        f.create_dataset("betas", data=np.zeros((185, 750), np.int16))
+    with pytest.raises(InputError) as err:
+        convert_session([lh, rh], tmp_path / "s.zarr")
+    assert str(err.value) == f"{rh}: 185 trials, expected 750 (trials must be the first h5py axis)"
+    assert not (tmp_path / "s.zarr").exists()

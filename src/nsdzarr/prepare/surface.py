@@ -204,9 +204,13 @@ def open_session(sources: SessionSources, require_trials: bool = True) -> Surfac
         if require_trials:
             for r in readers:
                 if r.n_trials != TRIALS_PER_SESSION:
+                    hint = (
+                        " (trials must be the first h5py axis)"
+                        if TRIALS_PER_SESSION in (r.shape)
+                        else " (one NSD session)"
+                    )
                     raise InputError(
-                        r.path,
-                        f"{r.n_trials} trials, expected {TRIALS_PER_SESSION} (one NSD session)",
+                        r.path, f"{r.n_trials} trials, expected {TRIALS_PER_SESSION}{hint}"
                     )
         if lh.dtype != rh.dtype or lh.format != rh.format:
             raise InputError(
