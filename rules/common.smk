@@ -71,6 +71,7 @@ for _folder in ("results", "logs"):
         )
 
 NSD_ROOT = config["nsd_root"]
+SURFACE = layout.is_surface(config["space"])
 SUBJECTS = config["subjects"]
 
 # Before any job: the demo never writes into a folder it did not create, and outputs of
@@ -132,13 +133,14 @@ def sessions_of(subject):
         sessions = sorted(config["sessions"])
         if not config["demo"]:
             for s in sessions:
-                path = layout.betas_path(
+                for path in layout.session_sources(
                     NSD_ROOT, subject, config["space"], config["beta_version"], s
-                )
-                if not path.is_file() and s not in stored:
-                    raise WorkflowError(
-                        f"{path}: betas file not found (session {s} is listed in config sessions)"
-                    )
+                ):
+                    if not path.is_file() and s not in stored:
+                        raise WorkflowError(
+                            f"{path}: betas file not found (session {s} is listed in "
+                            "config sessions)"
+                        )
         return sessions
     if config["demo"]:
         return list(range(1, demo_spec().sessions + 1))
@@ -164,6 +166,18 @@ def betas_hdf5(wildcards):
     )
 
 
+def betas_files(wildcards):
+    """The source file of one session, or its [lh, rh] files in a surface space."""
+    paths = layout.session_sources(
+        NSD_ROOT,
+        wildcards.subject,
+        config["space"],
+        config["beta_version"],
+        int(wildcards.session),
+    )
+    return [str(p) for p in paths] if SURFACE else str(paths[0])
+
+
 def session_store(wildcards):
     """The converted store of one session."""
     return outputs.SESSION_STORE.format(
@@ -179,9 +193,7 @@ def has_hdf5(wildcards):
 def betas_source(wildcards):
     """Where a session's betas are read from: the HDF5, or its converted store once the HDF5
     has been deleted (ROIs added later are extracted from the store)."""
-    return (
-        str(betas_hdf5(wildcards)) if has_hdf5(wildcards) else session_store(wildcards)
-    )
+    return betas_files(wildcards) if has_hdf5(wildcards) else session_store(wildcards)
 
 
 def convert_estimate(wildcards):
@@ -257,7 +269,7 @@ def stim_info_csv(wildcards):
 def affine_source(wildcards):
     """An atlas file of the subject whose affine the session store records (first ROI), if any."""
     first = next(iter(config["rois"]), None)
-    return [] if first is None else [roi_mask_path(wildcards.subject, first)]
+    return [] if first is None or SURFACE else [roi_mask_path(wildcards.subject, first)]
 
 
 def estimate_mem_mb(wildcards, input, attempt):
@@ -300,8 +312,15 @@ def job_runtime(job):
 
 
 def roi_mask_path(subject, roi):
-    """The atlas file of an ROI for a subject."""
+    """The atlas file of an ROI for a subject (surface spaces: its [lh, rh] label files)."""
     file = config["rois"][roi]["file"]
+    if SURFACE:
+        return [
+            str(p)
+            for p in layout.surface_label_paths(
+                NSD_ROOT, subject, config["space"], file
+            )
+        ]
     return str(layout.roi_path(NSD_ROOT, subject, config["space"], file))
 
 
@@ -335,7 +354,10 @@ def subject_rois(wildcards):
 
 def subject_roi_masks(wildcards):
     """The distinct atlas files a subject's ROIs use."""
-    return sorted({path for path, _labels in subject_rois(wildcards).values()})
+    paths = (path for path, _labels in subject_rois(wildcards).values())
+    return sorted(
+        {p for path in paths for p in ([path] if isinstance(path, str) else path)}
+    )
 
 
 def heavy_outputs():
@@ -385,7 +407,12 @@ def qc_outputs():
     per_subject = ["store_sizes.png", "trial_counts.png"]
     if config["rois"]:
         per_subject.append("roi_session_drift.png")
-    per_roi = ["reliability.nii.gz", "reliability_hist.png", "reliability_slices.png"]
+    # split-half reliability is mapped onto the subject's NIfTI grid: volume spaces only
+    per_roi = (
+        []
+        if SURFACE
+        else ["reliability.nii.gz", "reliability_hist.png", "reliability_slices.png"]
+    )
     return expand(
         "results/summary/{subject}_{name}", subject=SUBJECTS, name=per_subject
     ) + expand(

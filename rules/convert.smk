@@ -1,6 +1,6 @@
 rule convert:
     input:
-        betas=betas_hdf5,
+        betas=betas_files,
         estimate=convert_estimate,
         affine_from=affine_source,
     output:

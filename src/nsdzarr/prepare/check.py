@@ -120,18 +120,22 @@ def check_decodes(arr: zarr.Array, root: Path, what: str = "row") -> list[Proble
     return problems
 
 
-def check_session(group: zarr.Group, root: Path) -> list[Problem]:
-    """``betas`` against ``plane_checksums`` (CRC32C of each trial x z-plane of the source)."""
-    betas, sums = group["betas"], group["plane_checksums"]
-    if sums.shape != betas.shape[:2]:
+def check_session(
+    group: zarr.Group, root: Path, name: str = "betas", column: int | None = None
+) -> list[Problem]:
+    """``betas`` against ``plane_checksums`` (CRC32C of each trial x z-plane of the source); a
+    surface store's hemisphere ``name`` against column ``column`` of its ``checksums``."""
+    betas = group[name]
+    sums = group["plane_checksums" if column is None else "checksums"]
+    want = betas.shape[:2] if column is None else (betas.shape[0], 2)
+    if sums.shape != want:
         return [
             Problem(
                 str(root / sums.path),
-                f"plane_checksums has shape {sums.shape}, betas {betas.shape}: "
-                f"expected {betas.shape[:2]}",
+                f"{sums.basename} has shape {sums.shape}, {name} {betas.shape}: expected {want}",
             )
         ]
-    expected = sums[...]
+    expected = sums[...] if column is None else sums[:, column : column + 1]
     problems = []
     for t0, t1 in row_blocks(betas):
         block, unreadable = read_rows(betas, root, t0, t1, "trial")
@@ -313,6 +317,9 @@ def check_store(path: str | os.PathLike[str]) -> list[Problem]:
     kinds = []
     if {"betas", "plane_checksums"} <= arrays.keys():
         kinds.append((check_session, (group, root), {"betas", "plane_checksums"}))
+    if {"lh", "rh", "checksums"} <= arrays.keys():  # a surface session store
+        for column, hemi in enumerate(("lh", "rh")):
+            kinds.append((check_session, (group, root, hemi, column), {hemi, "checksums"}))
     if {"images", "checksums"} <= arrays.keys():
         kinds.append((check_images, (group, root, names), {"images", "checksums"}))
     if {"betas", "voxels"} <= arrays.keys() and arrays["betas"].ndim == 2:

@@ -28,6 +28,7 @@ from nsdzarr.prepare.storage import (
     create_trial_array,
     trial_blocks,
 )
+from nsdzarr.prepare.surface import is_surface_source
 from nsdzarr.training.zarr_v3 import parse_layout
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class ConversionReport:
 def plane_checksums(block: np.ndarray) -> np.ndarray:
     """CRC32C of every ``(trial, z-plane)`` of a ``(trials, planes, Y, X)`` block.
 
-    Exact, sensitive to position, and the same whichever way the session was read.
+    Exact, sensitive to position, and the same whichever way the session was read. A 2-D
+    ``(trials, vertices)`` block is one plane per trial.
     """
+    if block.ndim == 2:
+        block = block[:, None]
     out = np.empty(block.shape[:2], dtype=np.uint32)
     for t in range(block.shape[0]):
         for z in range(block.shape[1]):
@@ -173,8 +177,13 @@ def convert_session(
 
     The store is built beside the target and renamed only once verified; ``strategy`` forces
     ``"in-memory"`` or ``"slabs"`` instead of choosing by ``memory_budget_bytes``; ``threads``
-    bounds Zarr's encoding threads.
+    bounds Zarr's encoding threads. A surface session (``[lh, rh]`` files) goes to
+    :func:`nsdzarr.prepare.surface_convert.convert_surface_session`.
     """
+    if is_surface_source(source):
+        from nsdzarr.prepare.surface_convert import convert_surface_session
+
+        return convert_surface_session(source, target, settings, memory_budget_bytes, threads)
     source, target = Path(source), Path(target)
     settings = settings or StorageSettings()
     remove_stale_temporaries(target)

@@ -23,7 +23,7 @@ from nsdzarr.nsd_facts import (
 )
 from nsdzarr.prepare import layout
 from nsdzarr.prepare.atomic import atomic_output
-from nsdzarr.prepare.demo_spec import ROI_FILES, DemoSpec, demo_files
+from nsdzarr.prepare.demo_spec import ROI_FILES, SURFACE_ROI_FILES, DemoSpec, demo_files
 from nsdzarr.prepare.provenance import demo_marker, require_demo_target
 
 SESSIONS_IN_DESIGN = 40  # the demo design covers as many sessions as the longest subject
@@ -200,11 +200,81 @@ def write_demo(root: str | Path, spec: DemoSpec | None = None) -> list[Path]:
             path = layout.betas_path(root, subject, spec.space, spec.beta_version, session)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_betas_hdf5(path, session_betas(design, subject, session, spec))
+        if layout.is_surface(spec.space):
+            write_surface_subject(root, design, subject, spec)
+            continue
         for name, vol in roi_volumes(spec.shape_xyz).items():
             path = layout.roi_path(root, subject, spec.space, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_nifti_gz(path, vol, aff)
     return demo_files(root, spec)
+
+
+# Vertices per hemisphere of the demo's surfaces: fsaverage's icosahedron of order 2 (the real
+# one is order 7, 163842), and a small native pair whose hemispheres differ like the real ones.
+DEMO_VERTICES = {"fsaverage": (162, 162), "nativesurface": (190, 185)}
+
+
+def surface_labels(n_vertices: int, hemi: int) -> dict[str, np.ndarray]:
+    """Demo vertex labels: nsdgeneral (-1 / 0 / 1) and prf-visualrois (0..7), as MGZ does."""
+    pos = np.linspace(0, 1, n_vertices)
+    general = np.where(pos < 0.1, -1, (pos > 0.45 + 0.05 * hemi).astype(int))
+    visual = np.where(pos > 0.7, 1 + ((pos - 0.7) / 0.3 * len(VISUAL_ROI_LABELS)).astype(int), 0)
+    visual = np.minimum(visual, len(VISUAL_ROI_LABELS))
+    return dict(zip(SURFACE_ROI_FILES, (general, visual), strict=True))
+
+
+def surface_betas(
+    design: dict[str, np.ndarray], subject: str, session: int, n_vertices: int, hemi: int, seed: int
+) -> np.ndarray:
+    """PSC betas ``(750, vertices)`` float32: image signal + noise + a session offset."""
+    subj = int(subject.removeprefix("subj"))
+    rng = np.random.default_rng([seed, subj, session, 100 + hemi])
+    trials = np.arange((session - 1) * TRIALS_PER_SESSION, session * TRIALS_PER_SESSION)
+    nsd_id = design["subjectim"][subj - 1, design["masterordering"][0, trials].astype(int) - 1]
+    factors = np.stack([np.random.default_rng([seed, int(i)]).standard_normal(4) for i in nsd_id])
+    weights = np.random.default_rng([seed, subj, 100 + hemi]).standard_normal((4, n_vertices))
+    psc = factors @ weights + rng.standard_normal((TRIALS_PER_SESSION, n_vertices)) * 1.5
+    return (psc + rng.normal(0, 0.5)).astype(np.float32)
+
+
+def write_mgh(path: Path, data: np.ndarray) -> None:
+    """An MGH (``.mgh``) or gzipped MGZ (``.mgz``, fixed gzip mtime) of ``data`` as given."""
+    raw = nib.MGHImage(data, np.eye(4)).to_bytes()
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        if path.suffix == ".mgz":
+            with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+                gz.write(raw)
+        else:
+            fh.write(raw)
+
+
+def write_surface_session(path: Path, betas: np.ndarray) -> None:
+    """One hemisphere as NSD writes it: MGH ``(V, 1, 1, 750)`` float32, or HDF5 ``betas``
+    ``(750, V)`` int16 x 300 with one chunk per vertex."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".mgh":
+        write_mgh(path, betas.T[:, None, None, :])
+        return
+    scaled = np.clip(np.round(betas * BETA_SCALE), -32768, 32767).astype(np.int16)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w", track_order=False) as f:
+        f.create_dataset("betas", data=scaled, chunks=(len(scaled), 1), track_times=False)
+
+
+def write_surface_subject(
+    root: str | Path, design: dict[str, np.ndarray], subject: str, spec: DemoSpec
+) -> None:
+    """A subject's surface betas for every session, and the surface labels."""
+    counts = DEMO_VERTICES[spec.space]
+    for session in range(1, spec.sessions + 1):
+        paths = layout.surface_betas_paths(root, subject, spec.space, spec.beta_version, session)
+        for h, (path, n) in enumerate(zip(paths, counts, strict=True)):
+            write_surface_session(path, surface_betas(design, subject, session, n, h, spec.seed))
+    for name in SURFACE_ROI_FILES:
+        paths = layout.surface_label_paths(root, subject, spec.space, name)
+        for h, (path, n) in enumerate(zip(paths, counts, strict=True)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_mgh(path, surface_labels(n, h)[name].astype(np.int32)[:, None, None])
 
 
 def write_synthetic_session(

@@ -40,6 +40,7 @@ from nsdzarr.prepare.storage import (
     numcodecs_compressor,
     trial_blocks,
 )
+from nsdzarr.prepare.surface import is_surface_source
 from nsdzarr.training.zarr_v3 import parse_layout
 
 SAMPLE_TRIALS = 32
@@ -186,6 +187,12 @@ def write_session_estimate(
     ``source`` is the session's HDF5 or, once that is deleted, its converted store (whose
     compression ratio is then measured, not sampled).
     """
+    if is_surface_source(source):  # [lh, rh] files or a surface store
+        from nsdzarr.prepare.surface_estimate import write_surface_estimate
+
+        return write_surface_estimate(
+            source, target, settings, ceiling_mb, factor, rois, roi_storage
+        )
     if is_session_store(source):
         meta = store_metadata(source)
         ratio = math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize / meta["file_bytes"]

@@ -154,6 +154,57 @@ def roi_session_peak(
     )
 
 
+# Vertex blocks read through h5py from HDF5 files with one chunk per vertex: HDF5 holds ~14 KB
+# per chunk of a read's selection (measured: 575 MB for a 64 MB block of 42k (750, 1) chunks,
+# 40 MB for 2 MB blocks; benchmarks/README.md), so blocks stay small.
+SURFACE_HDF5_BLOCK_BYTES = 4 * MB
+HDF5_SELECTION_BYTES_PER_CHUNK = 14 * 1024
+
+
+def surface_convert_peak(
+    n_trials: int,
+    vertices: tuple[int, ...] | list[int],
+    itemsize: int,
+    trials_per_shard: int,
+    whole_hemisphere: bool,
+) -> int:
+    """Peak RSS of converting a surface session one hemisphere at a time (surface.py): a shard
+    as read (file order), transposed, encoded and read back; plus the whole hemisphere when
+    the file's chunks span every trial (it is read in vertex blocks, then written by shards)."""
+    largest = max(vertices)
+    shard = min(trials_per_shard, n_trials) * largest * itemsize
+    held = 0
+    if whole_hemisphere:  # the hemisphere, one vertex block and HDF5's selection of its chunks
+        held = n_trials * largest * itemsize + SURFACE_HDF5_BLOCK_BYTES
+        held += SURFACE_HDF5_BLOCK_BYTES // (n_trials * itemsize) * HDF5_SELECTION_BYTES_PER_CHUNK
+    return BASELINE_BYTES + held + int((2 + SHARD_WORK_FACTOR) * shard) + n_trials * 8
+
+
+def surface_roi_peak(
+    n_trials: int, vertices: tuple[int, ...] | list[int], itemsize: int, n_columns: int, block: int
+) -> int:
+    """Peak RSS of extracting a surface ROI's columns: one source block of ``block`` values as
+    read and converted, the labels, and the rows as in :func:`roi_session_peak`."""
+    rows = n_trials * n_columns * itemsize
+    return (
+        BASELINE_BYTES
+        + 2 * block * itemsize
+        + sum(vertices) * 10
+        + 3 * rows
+        + STATS_ROWS * n_columns * 8 * 2
+        + int(SHARD_WORK_FACTOR * rows)
+    )
+
+
+# Vertices of one hemisphere the surface estimate job reads (all trials) to sample compression.
+SURFACE_SAMPLE_VERTICES = 16384
+
+
+def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
+    """Peak RSS of a surface estimate job: headers and one sampled block, as read and encoded."""
+    return BASELINE_BYTES + 3 * n_trials * SURFACE_SAMPLE_VERTICES * itemsize
+
+
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
 # least one chunk of the file), and this many shards are encoded at once beside the one filling.
 DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB

@@ -6,7 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from nsdzarr.prepare.memory import BASELINE_BYTES, estimate_peak, request_mb
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
+from nsdzarr.prepare.memory import (
+    BASELINE_BYTES,
+    estimate_peak,
+    request_mb,
+    surface_estimate_peak,
+)
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, request_min
 
 
@@ -56,7 +62,9 @@ def estimate_job_mem_mb(
     import h5py  # here, not at module level: the workflow imports this module to plan jobs
 
     try:
-        if Path(source).is_dir():  # a session store, once its HDF5 is deleted
+        if not isinstance(source, (str, os.PathLike)) or (Path(source) / "lh").is_dir():
+            peak = surface_estimate_peak(TRIALS_PER_SESSION)  # headers and a sampled block
+        elif Path(source).is_dir():  # a session store, once its HDF5 is deleted
             shape = json.loads((Path(source) / "betas" / "zarr.json").read_text())["shape"]
             peak = estimate_peak(tuple(shape), 2)
         else:

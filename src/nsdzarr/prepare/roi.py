@@ -44,6 +44,11 @@ class RoiMask:
     affine: np.ndarray
 
     @property
+    def columns(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+        """The arrays naming each column, with their dimension names."""
+        return {"voxels": (self.voxels, ("voxel", "ijk"))}
+
+    @property
     def zyx(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Index arrays into an h5py ``(Z, Y, X)`` volume, in column order."""
         return self.voxels[:, 2], self.voxels[:, 1], self.voxels[:, 0]
@@ -196,7 +201,13 @@ def extract_session(
     """
     remove_stale_temporaries(target)
     split = read_split(trials_tsv, session)
-    mask, betas = read_source_voxels(source, mask_path, labels)
+    extra: dict[str, Any] = {}
+    if not isinstance(mask_path, (str, os.PathLike)):  # surface labels: [lh, rh] files
+        from nsdzarr.prepare.surface_roi import read_surface_columns
+
+        mask, betas, extra = read_surface_columns(source, mask_path, labels)
+    else:
+        mask, betas = read_source_voxels(source, mask_path, labels)
     if reference is not None:
         require_same_grid(mask_path, mask.affine, reference)
     require_session_trials(source, betas.shape[0])
@@ -213,8 +224,9 @@ def extract_session(
             raise VerificationError(target, "written rows differ from the source voxels")
         group.create_array("mean", data=mean[None], compressors=None)
         group.create_array("std", data=std[None], compressors=None)
-        group.create_array("voxels", data=mask.voxels, compressors=None)
-        group.attrs.update({"session": session, "n_stats_trials": int(use.sum())})
+        for name, (data, _dims) in mask.columns.items():
+            group.create_array(name, data=data, compressors=None)
+        group.attrs.update({"session": session, "n_stats_trials": int(use.sum()), **extra})
 
 
 def _layout(array_dir: Path) -> ArrayLayout:
@@ -236,8 +248,14 @@ def finish_store(
 ) -> None:
     """Assemble per-session parts into the subject's ROI group by linking their shard files."""
     remove_stale_temporaries(target)
-    mask = load_roi_mask(mask_path, labels)
-    n_vox = len(mask.voxels)
+    surface = not isinstance(mask_path, (str, os.PathLike))  # [lh, rh] label files
+    if surface:
+        from nsdzarr.prepare.surface_roi import load_surface_mask, surface_roi_attrs
+
+        mask: Any = load_surface_mask(mask_path, labels)
+    else:
+        mask = load_roi_mask(mask_path, labels)
+    n_vox = len(mask.voxel_labels)
     settings = roi_settings(settings)
     shards_per_session = TRIALS_PER_SESSION // settings.trials_per_shard
     with atomic_output(target) as tmp:
@@ -266,7 +284,10 @@ def finish_store(
                 pb.shape != (TRIALS_PER_SESSION, n_vox)
                 or pb.shards != arr.shards
                 or pb.metadata.codecs != arr.metadata.codecs
-                or not np.array_equal(pg["voxels"][...], mask.voxels)
+                or any(
+                    name not in pg or not np.array_equal(pg[name][...], data)
+                    for name, (data, _dims) in mask.columns.items()
+                )
             ):
                 raise InputError(part, "part does not match the ROI mask or layout; rerun it")
             for i in range(shards_per_session):
@@ -278,11 +299,20 @@ def finish_store(
             means.append(pg["mean"][0])
             stds.append(pg["std"][0])
         verify_rows(arr, parts, target)
-        group.create_array("voxels", data=mask.voxels, dimension_names=("voxel", "ijk"))
+        for name, (data, dims) in mask.columns.items():
+            group.create_array(name, data=data, dimension_names=dims)
         group.create_array("label", data=mask.voxel_labels, dimension_names=("voxel",))
         group.create_array("mean", data=np.stack(means), dimension_names=("session", "voxel"))
         group.create_array("std", data=np.stack(stds), dimension_names=("session", "voxel"))
-        group.attrs.update(roi_attrs(mask, sessions, arr.shape, stats_splits))
+        if surface:
+            first = zarr.open_group(parts[0], mode="r").attrs
+            group.attrs.update(
+                surface_roi_attrs(
+                    mask, sessions, arr.shape, stats_splits, first["scale"], first["units"]
+                )
+            )
+        else:
+            group.attrs.update(roi_attrs(mask, sessions, arr.shape, stats_splits))
 
 
 def verify_rows(arr: zarr.Array, parts: list[str | os.PathLike[str]], target: Path) -> None:
