@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from nsdzarr.errors import InputError
 from nsdzarr.prepare import shards
@@ -23,6 +23,24 @@ LAYOUTS = {
     "sharded-raw-1row": ((1, 37), (8, 37), None, "<f4", "little"),
     "unsharded-zstd-4rows": ((4, 37), None, ZstdCodec(level=3), "<i2", "little"),
     "sharded-zstd-bigendian": ((2, 37), (10, 37), ZstdCodec(level=1), ">i2", "big"),
+    # each chunk followed by its crc32c (storage.chunk_codecs): raw rows are read straight
+    # into the batch with their checksums beside them, the others through the buffer
+    "sharded-raw-1row-crc": ((1, 37), (8, 37), (Crc32cCodec(),), "<i2", "little"),
+    "sharded-raw-3rows-crc": ((3, 37), (12, 37), (Crc32cCodec(),), "<i2", "little"),
+    "sharded-zstd-1row-crc": (
+        (1, 37),
+        (10, 37),
+        (ZstdCodec(level=1), Crc32cCodec()),
+        "<i2",
+        "little",
+    ),
+    "unsharded-blosc-crc": (
+        (4, 37),
+        None,
+        (BloscCodec(cname="lz4"), Crc32cCodec()),
+        "<i2",
+        "little",
+    ),
 }
 
 
