@@ -218,8 +218,8 @@ class BetasDataset(Dataset):
     ``images``: an image store; items gain ``image`` (every item's nsd_id must be in it);
     ``image_size=S`` reads its resized copy ``images_{S}``. ``verify_checksums=True`` checks
     each chunk's crc32c before using it: a flipped byte is an InputError naming the file and
-    the trial. Off by default: it costs 17-44% of the read rate (benchmarks/README.md), and
-    ``nsdzarr verify`` checks every chunk of a store once.
+    the trial. Off by default: it costs 44-61% of the read rate on raw ROI stores
+    (benchmarks/README.md), and ``nsdzarr verify`` checks every chunk of a store once.
     """
 
     def __init__(
