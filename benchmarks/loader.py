@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
        python benchmarks/loader.py --fallbacks  (private paths vs their fallbacks, small stores)
+       python benchmarks/loader.py --checksums [--data DIR] [--rounds N] [--seconds S]
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -19,6 +20,11 @@ none), tensorstore on the zstd store and on the store of the ROI default codec
 (``storage.ROI_STORAGE``), zarrs-python on the latter (each if installed). Then DataLoaders
 over the default store with 0, 1, 2 workers, with the CPU each process spends per batch,
 beside a no-op dataset (what torch's DataLoader itself costs per batch) and larger batches.
+
+``--checksums`` measures only what checking each chunk's crc32c costs the loader: under
+DIR/checksums/ an 8-session (6000 x 15724) store raw and one blosc-lz4 (both with the crc32c
+of ``storage.chunk_codecs``), the same random batches of 32 with ``verify_checksums`` on and
+off, alternating batch by batch, best of rounds, and the ratio.
 """
 
 from __future__ import annotations
@@ -255,6 +261,68 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
     )
 
 
+def checksum_cost(data: Path, rounds: int, seconds: float) -> None:
+    """Batches of 32 with and without the crc32c checks, on a raw and a blosc-lz4 store."""
+    import scipy.io
+
+    from nsdzarr.prepare.demo import make_design
+    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.trials import write_trial_tables
+    from nsdzarr.training.loader import BetasDataset, collate
+
+    sessions = 8
+    subj = data / "checksums" / "subj01"
+    if not (subj / "trials.tsv").exists():
+        subj.mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(subj.parent / "nsd_expdesign.mat", make_design(0), format="5")
+        tables = [subj / n for n in ("trials.tsv", "trials.json", "images.tsv")]
+        write_trial_tables(subj.parent / "nsd_expdesign.mat", "subj01", [*range(1, 9)], *tables)
+    stores = {}
+    for codec in ("none", "blosc-lz4"):
+        store = stores[codec] = subj / "roi" / f"{codec}.zarr"
+        if not (store / "zarr.json").exists():
+            print(f"building {store} ...", flush=True)
+            settings = roi_settings(StorageSettings(codec, 5))
+            write_random_betas(store, subj.parent / f"{codec}.h5", sessions, settings)
+    warm_cache(list(stores.values()))
+    batches = np.random.default_rng(1).integers(0, sessions * PER_SESSION, (500, BATCH))
+    dsets = {
+        (codec, check): BetasDataset(store, split="all", verify_checksums=check)
+        for codec, store in stores.items()
+        for check in (True, False)
+    }
+    for codec in stores:  # the same values either way
+        on, off = (collate(dsets[codec, c].__getitems__(batches[0]))["betas"] for c in (1, 0))
+        assert np.array_equal(on.numpy(), off.numpy())
+    # checked and unchecked batches alternate, so that both see the same disturbances of this
+    # shared machine; each round reads the 500 batches at least ``seconds``, the best is kept
+    best: dict[tuple[str, bool], float] = {}
+    for r in range(rounds):
+        for codec in stores:
+            spent = {True: 0.0, False: 0.0}
+            calls = 0
+            while calls < 500 or min(spent.values()) < seconds:
+                for check in (True, False):
+                    t0 = time.perf_counter()
+                    collate(dsets[codec, check].__getitems__(batches[calls % 500]))
+                    spent[check] += time.perf_counter() - t0
+                calls += 1
+            for check, secs in spent.items():
+                best[codec, check] = max(best.get((codec, check), 0.0), calls * BATCH / secs)
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    print(
+        f"\ncrc32c checks in the loader: {sessions * PER_SESSION} x {N_VOX} int16, batches of "
+        f"{BATCH}, one process, page cache warm, best of {rounds} rounds, load "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print("| store | checked trial/s | unchecked trial/s | cost of checking |")
+    print("|---|---:|---:|---:|")
+    for codec in stores:
+        on, off = best[codec, True], best[codec, False]
+        print(f"| {codec} | {on:,.0f} | {off:,.0f} | {100 * (off / on - 1):.1f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "loader")
@@ -262,9 +330,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="minimum time per measurement")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--fallbacks", action="store_true", help="private paths vs their fallbacks")
+    ap.add_argument("--checksums", action="store_true", help="only the crc32c checks' cost")
     args = ap.parse_args()
     if args.fallbacks:
         return fallback_rates(args.data, args.rounds, args.seconds)
+    if args.checksums:
+        checksum_cost(args.data, args.rounds, args.seconds)
+        return
     build(args.data)
     lz4_store = build_copy(args.data, "nsdgeneral-lz4.zarr", "blosc-lz4")
     raw_store = build_copy(args.data, "nsdgeneral-raw.zarr", "none")

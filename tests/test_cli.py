@@ -248,7 +248,8 @@ def test_info_shows_shapes_codecs_shards_and_sizes(results: Path):
     roi = json.loads(nsdzarr("info", "--json", results / "subj01/roi/nsdgeneral.zarr").stdout)
     arrays = {a["name"]: a for a in roi["arrays"]}
     assert set(arrays) == {"betas", "voxels", "label", "mean", "std"}
-    assert arrays["betas"]["codecs"][0] == "sharding_indexed[bytes]"  # ROI stores are raw
+    # ROI stores are raw, each chunk with its checksum
+    assert arrays["betas"]["codecs"][0] == "sharding_indexed[bytes, crc32c]"
     assert roi["attributes"]["sessions"] == list(SESSIONS)
     one = json.loads(nsdzarr("info", "--json", results / "stimuli/images.zarr/images").stdout)
     assert one["node_type"] == "array" and one["shape"] == [N_IMAGES, 16, 16, 3]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -54,6 +56,7 @@ needs_root = pytest.mark.skipif(not AS_ROOT, reason="mounting a small filesystem
 
 SESSIONS = [f"results/subj01/betas/session{s:02d}.zarr" for s in (1, 2, 3)]
 NSDGENERAL = "results/subj01/roi/nsdgeneral.zarr"
+STIMULI = "results/stimuli/images.zarr"
 # The capabilities that let root read and write whatever the permission bits say.
 NO_DAC = "-dac_override,-dac_read_search"
 
@@ -190,6 +193,37 @@ def test_disk_full_writing_an_roi_store(demo_run: Path, tmp_path: Path):
         assert_no_partial_output(tmp_path)  # no temporaries left; the parts are outputs
         assert all((tmp_path / p / "zarr.json").is_file() for p in parts)
         assert_same_files(store_files(tmp_path), want)
+
+
+def tree_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (but Snakemake's timestamps), by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".snakemake_timestamp"
+    }
+
+
+@pytest.mark.slow
+@needs_root
+def test_disk_full_writing_the_stimulus_store(demo_run: Path, tmp_path: Path):
+    config = link_demo_release(tmp_path, demo_run)
+    want = tree_files(demo_run / STIMULI)
+    store_kb = sum(f.stat().st_size for f in (demo_run / STIMULI).rglob("*") if f.is_file()) >> 10
+    # the trial tables and the estimate fit, then half of the image store
+    with small_filesystem(tmp_path / "results", 600 + store_kb // 2) as results:
+        proc = workflow(tmp_path, config, STIMULI, cores=1)
+        out = output_of(proc)
+        assert proc.returncode != 0, out[-3000:]
+        assert_one_line_error(out, STIMULI, r"^no space left on device \(ENOSPC")
+        assert "Traceback" not in out, out[-3000:]
+        assert_no_partial_output(tmp_path, STIMULI)
+        assert not any((results / "stimuli").glob(".*")), "scratch space left behind"
+
+        grow(results, 64000)
+        workflow(tmp_path, config, STIMULI, cores=1).check_returncode()
+        assert_no_partial_output(tmp_path)
+        assert_same_files(tree_files(tmp_path / STIMULI), want)
 
 
 # --------------------------------------------------------------------------- permissions
@@ -366,6 +400,33 @@ def test_atlas_grid_check(tmp_path: Path):
         bad = nib.load(tmp_path / "x.nii.gz").affine
         with pytest.raises(InputError, match=rf"^{tmp_path}/x.nii.gz: affine .* differs from"):
             require_same_grid(tmp_path / "x.nii.gz", bad, tmp_path / "ref.nii.gz")
+
+
+def test_atlas_off_the_betas_grid_is_refused_when_reading_a_session_store(
+    demo_root: Path, tmp_path: Path
+):
+    """The HDF5 is gone and the atlas replaced by a flipped copy: the session store's recorded
+    affine (the betas' grid) refuses it, even with no other atlas to compare to."""
+    from nsdzarr.prepare import layout
+    from nsdzarr.prepare.convert import convert_session
+    from nsdzarr.prepare.roi import extract_session
+    from nsdzarr.prepare.storage import ROI_STORAGE
+    from nsdzarr.prepare.trials import write_trial_tables
+
+    atlas = roi_file(demo_root, "nsdgeneral.nii.gz")
+    store = tmp_path / "session01.zarr"
+    convert_session(betas_file(demo_root, 1), store, affine=nib.load(atlas).affine)
+    tables = [tmp_path / n for n in ("trials.tsv", "trials.json", "images.tsv")]
+    write_trial_tables(layout.design_path(demo_root), "subj01", [1], *tables)
+    flipped = tmp_path / "nsdgeneral.nii.gz"
+    write_nifti_gz(flipped, *_flipped(nib.load(atlas)))
+    part = tmp_path / "part.zarr"
+    with pytest.raises(InputError) as e:
+        extract_session(store, flipped, None, tables[0], 1, part, ROI_STORAGE, reference=flipped)
+    assert re.match(rf"^{flipped}: affine \[-1\.8 .* differs from {store}'s recorded", str(e.value))
+    assert not part.exists() and not list(tmp_path.glob(".part.zarr*"))
+    extract_session(store, atlas, None, tables[0], 1, part, ROI_STORAGE, reference=atlas)
+    assert (part / "zarr.json").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from nsdzarr.errors import InputError
 from nsdzarr.prepare import shards
@@ -23,6 +23,24 @@ LAYOUTS = {
     "sharded-raw-1row": ((1, 37), (8, 37), None, "<f4", "little"),
     "unsharded-zstd-4rows": ((4, 37), None, ZstdCodec(level=3), "<i2", "little"),
     "sharded-zstd-bigendian": ((2, 37), (10, 37), ZstdCodec(level=1), ">i2", "big"),
+    # each chunk followed by its crc32c (storage.chunk_codecs): raw rows are read straight
+    # into the batch with their checksums beside them, the others through the buffer
+    "sharded-raw-1row-crc": ((1, 37), (8, 37), (Crc32cCodec(),), "<i2", "little"),
+    "sharded-raw-3rows-crc": ((3, 37), (12, 37), (Crc32cCodec(),), "<i2", "little"),
+    "sharded-zstd-1row-crc": (
+        (1, 37),
+        (10, 37),
+        (ZstdCodec(level=1), Crc32cCodec()),
+        "<i2",
+        "little",
+    ),
+    "unsharded-blosc-crc": (
+        (4, 37),
+        None,
+        (BloscCodec(cname="lz4"), Crc32cCodec()),
+        "<i2",
+        "little",
+    ),
 }
 
 
@@ -156,3 +174,33 @@ def test_converter_shards_read_back_through_the_shared_index_parser(tmp_path: Pa
         path.write_bytes(bytes(raw))
         with pytest.raises(InputError, match="checksum"):
             shards.read_shard(arr, lay, tmp_path / "s.zarr", 50, 50, pool)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(LAYOUTS) if n.endswith("-crc")])
+def test_every_flipped_byte_of_a_checksummed_object_names_the_file_and_row(tmp_path, name):
+    data = (np.arange(30 * 37) % 1000).astype(np.int16).reshape(30, 37)
+    write(tmp_path / "a", data, name)
+    _, lay = parse_layout(tmp_path / "a")
+    assert lay.chunk_crc
+    path = Path(lay.key((0, 0)))
+    raw = path.read_bytes()
+    rows = np.arange(lay.grid[0])
+    out = np.empty((len(rows), 37), np.int16)
+    for pos in range(len(raw)):  # chunk data, chunk checksums, the index and its checksum
+        bad = bytearray(raw)
+        bad[pos] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(InputError, match=rf"^{path}: row \d+: ") as e:
+            ShardRows(lay, 4).read_rows(rows, out)
+        assert "\n" not in str(e.value)
+        with pytest.raises(InputError):
+            read_array(tmp_path / "a")  # whole-object reads (the converter's) check too
+    path.write_bytes(raw)
+    ShardRows(lay, 4).read_rows(rows, out)
+    np.testing.assert_array_equal(out, data[rows])
+    bad = bytearray(raw)
+    bad[0] ^= 0x01  # first byte of row 0's chunk
+    path.write_bytes(bytes(bad))
+    if lay.codec is None:  # unchecked, a raw chunk is read with its wrong value
+        ShardRows(lay, 4, verify=False).read_rows(rows, out)
+        assert not np.array_equal(out, data[rows])

@@ -178,7 +178,7 @@ def test_default_storage_is_raw_with_many_images_per_shard(tmp_path: Path):
     arr = open_quietly(store)["images"]
     assert STIMULI_STORAGE.codec == "none" and STIMULI_STORAGE.images_per_shard >= 20
     assert arr.shards[0] == STIMULI_STORAGE.images_per_shard
-    assert arr.compressors == ()
+    assert [type(c).__name__ for c in arr.compressors] == ["Crc32cCodec"]  # raw + checksum
     shard_files = list((store / "images" / "c").rglob("*"))
     assert len([p for p in shard_files if p.is_file()]) == 3
     assert report["bytes"] >= data.nbytes and report["files"] > 3
@@ -192,7 +192,8 @@ def test_compressed_stores_are_lossless(tmp_path: Path, codec: str):
     settings = StimuliStorage(codec=codec, level=3, images_per_shard=8)
     convert_stimuli(src, store, settings=settings, sizes=(4,))
     check_store(store, data, np.arange(21), (4,))
-    assert open_quietly(store)["images"].compressors != ()
+    names = [type(c).__name__ for c in open_quietly(store)["images"].compressors]
+    assert len(names) == 2 and names[-1] == "Crc32cCodec"
 
 
 def test_existing_store_is_replaced_and_stale_temporaries_removed(tmp_path: Path):
@@ -218,9 +219,9 @@ def test_verification_names_the_store_and_the_image(tmp_path: Path):
         verify_images(store, sums, ids, pool)  # intact
         shard = store / "images" / "c" / "1" / "0" / "0" / "0"  # rows 8..15
         raw = bytearray(shard.read_bytes())
-        raw[3 * data[0].nbytes + 10] ^= 0xFF  # row 11 of the store: nsd_id 13
-        shard.write_bytes(bytes(raw))
-        with pytest.raises(VerificationError, match=r"stim\.zarr.*nsd_id 13 \(row 11\)"):
+        raw[3 * (data[0].nbytes + 4) + 10] ^= 0xFF  # row 11 of the store: nsd_id 13
+        shard.write_bytes(bytes(raw))  # (each image followed by its chunk's crc32c)
+        with pytest.raises(VerificationError, match=r"stim\.zarr.*crc32c.*nsd_id 13 \(row 11\)"):
             verify_images(store, sums, ids, pool)
         raw[-1] ^= 0xFF  # the shard index checksum
         shard.write_bytes(bytes(raw))

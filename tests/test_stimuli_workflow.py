@@ -80,6 +80,8 @@ def _rewrite(path: Path, data: np.ndarray | None, name: str = "imgBrick") -> Non
         ("dtype", r"uint8"),
         ("too_few_rows", r"nsd_id \d+|rows"),
         ("not_hdf5", r"HDF5|hdf5"),
+        ("truncated", r"truncated or corrupt"),
+        ("corrupt_header", r"truncated or corrupt|not an HDF5 file|cannot be read"),
     ],
 )
 def test_bad_stimulus_file_is_one_line_and_leaves_nothing(
@@ -97,6 +99,13 @@ def test_bad_stimulus_file_is_one_line_and_leaves_nothing(
         _rewrite(path, np.zeros((10, 8, 6, 3), np.float32))
     elif break_it == "too_few_rows":
         _rewrite(path, np.zeros((100, 8, 6, 3), np.uint8))
+    elif break_it == "truncated":  # a copy cut short: half the images missing
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 2)
+    elif break_it == "corrupt_header":  # the superblock's addresses and object headers zeroed
+        raw = bytearray(path.read_bytes())
+        raw[16:4096] = bytes(4096 - 16)
+        path.write_bytes(bytes(raw))
     else:
         path.write_bytes(b"this is not an HDF5 file\n" * 100)
     config = release_config(root, rois={}, stimuli={"enabled": True})

@@ -40,10 +40,18 @@ def require_same_grid(
     if os.path.samefile(path, reference):
         return
     ref = np.asarray(load_nifti(reference).affine, dtype=float)
-    if not np.allclose(affine, ref, rtol=0, atol=0.01):
+    require_affine(path, affine, ref, f"{reference}'s")
+
+
+def require_affine(
+    path: str | os.PathLike[str], affine: np.ndarray, expected: np.ndarray, whose: str
+) -> None:
+    """Refuse an atlas whose affine is not ``expected`` (``whose``: where that one is from)."""
+    expected = np.asarray(expected, dtype=float)
+    if not np.allclose(affine, expected, rtol=0, atol=0.01):
         raise InputError(
             path,
-            f"affine {_rows(affine)} differs from {reference}'s {_rows(ref)} (the affine the "
+            f"affine {_rows(affine)} differs from {whose} {_rows(expected)} (the affine the "
             "session stores record): every atlas of a subject must be on one grid",
         )
 

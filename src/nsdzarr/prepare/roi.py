@@ -25,9 +25,9 @@ from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
 from nsdzarr.prepare.layout import require_session_trials
 from nsdzarr.prepare.memory import STATS_ROWS
-from nsdzarr.prepare.nifti import load_nifti, require_same_grid
+from nsdzarr.prepare.nifti import load_nifti, require_affine, require_same_grid
 from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings, create_trial_array
-from nsdzarr.training.zarr_v3 import ArrayLayout, object_chunks, parse_layout
+from nsdzarr.training.zarr_v3 import ArrayLayout, object_chunks, parse_layout, read_json
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
 
@@ -210,6 +210,10 @@ def extract_session(
         mask, betas = read_source_voxels(source, mask_path, labels)
     if reference is not None:
         require_same_grid(mask_path, mask.affine, reference)
+    if is_session_store(source):  # the betas' own grid, as recorded when they were converted
+        recorded = read_json(Path(source) / "zarr.json").get("attributes", {}).get("affine")
+        if recorded is not None:
+            require_affine(mask_path, mask.affine, np.asarray(recorded), f"{source}'s recorded")
     require_session_trials(source, betas.shape[0])
     check_finite(betas, source)
     use = np.isin(split, stats_splits)

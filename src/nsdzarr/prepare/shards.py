@@ -4,7 +4,8 @@ zarr-python encodes a shard's chunks one at a time under the GIL; zstandard (enc
 ``zarr_v3.Decoder`` (decoding) release it, so a thread pool uses both cores. Only the layouts
 our stores use are handled here: ``bytes`` (little endian) + ``zstd`` inner codecs, or
 ``bytes`` alone (raw; zarr-python spends ~0.8 ms per chunk on those, ~1 min per 73,000
-images), index at the end with ``bytes`` + ``crc32c``. Tests check that zarr-python reads
+images), each optionally followed by ``crc32c`` (the chunk's checksum, storage.chunk_codecs),
+index at the end with ``bytes`` + ``crc32c``. Tests check that zarr-python reads
 these shards back.
 """
 
@@ -39,7 +40,7 @@ def handles(arr: zarr.Array) -> bool:
         c.get("configuration", {}).get("endian", "little") == "little" for c in cfg["codecs"]
     )
     return (
-        inner in (["bytes", "zstd"], ["bytes"])
+        inner in (["bytes", "zstd"], ["bytes"], ["bytes", "zstd", "crc32c"], ["bytes", "crc32c"])
         and little
         and index == ["bytes", "crc32c"]
         and cfg.get("index_location", "end") == "end"
@@ -71,11 +72,12 @@ def write_shard(
 ) -> None:
     """Encode ``block`` (one whole shard of rows) and write it as the shard file."""
     inner = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+    crc = inner[-1]["name"] == "crc32c"
     rows = arr.chunks[0]
     starts = range(0, len(block), rows)
-    if len(inner) == 1:  # raw: the chunks are the block's own bytes, in order
+    if len(inner) == 1 + crc:  # raw: the chunks are the block's own bytes, in order
         block = np.ascontiguousarray(block)
-        pieces = [block[r : r + rows].data for r in starts]
+        pieces = [block[r : r + rows].reshape(-1).view(np.uint8) for r in starts]
     else:
         level = inner[1]["configuration"]["level"]
         pieces = list(
@@ -86,11 +88,15 @@ def write_shard(
                 starts,
             )
         )
+    if crc:  # each chunk followed by the crc32c of its encoded bytes (zarr's crc32c codec)
+        pieces = [b for p in pieces for b in (p, google_crc32c.value(p).to_bytes(4, "little"))]
     sizes = np.array([memoryview(p).nbytes for p in pieces], dtype="<u8")
+    if crc:
+        sizes = sizes[0::2] + 4
     index = np.empty((arr.shards[0] // rows, 2), dtype="<u8")
     index[:] = np.iinfo(np.uint64).max  # chunks past the array's edge are empty
-    index[: len(pieces), 0] = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    index[: len(pieces), 1] = sizes
+    index[: len(sizes), 0] = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    index[: len(sizes), 1] = sizes
     raw_index = index.tobytes()
     path = shard_path(arr, store_root, first_row)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,12 +128,17 @@ def read_shard(
     def decode(k: int) -> None:
         offset, size = (int(v) for v in index[k])
         dec = getattr(_local, "decoder", None)
-        if dec is None or dec.codec != lay.codec:
-            dec = _local.decoder = Decoder(lay.codec)
+        if dec is None or (dec.codec, dec.crc) != (lay.codec, lay.chunk_crc):
+            dec = _local.decoder = Decoder(lay.codec, lay.chunk_crc)
         try:
             dec.into(buf[offset : offset + size], out[k * rows : (k + 1) * rows])
         except ValueError as exc:
-            raise InputError(path, f"chunk {k} cannot be decoded ({exc}); store corrupt") from exc
+            row = first_row + k * rows
+            err = InputError(
+                path, f"row {row} (chunk {k}) cannot be decoded ({exc}); store corrupt"
+            )
+            err.row = row  # for the caller's message
+            raise err from exc
 
     list(pool.map(decode, range(-(-n_rows // rows))))
     return out

@@ -237,7 +237,7 @@ def verify_images(
             try:
                 got = image_checksums(io.read(b0, b1))
             except Exception as err:  # any codec or index error means the bytes on disk are bad
-                raise fail(name, b0, f"unreadable ({err})") from None
+                raise fail(name, getattr(err, "row", b0), f"unreadable ({err})") from None
             bad = np.flatnonzero(got != sums[b0:b1])
             if bad.size:
                 raise fail(name, b0 + int(bad[0]), "differs from its source")

@@ -8,7 +8,7 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd")
 # Image and ROI stores may also be raw: natural images barely compress losslessly (see
@@ -94,6 +94,14 @@ def zarr_compressor(settings: StorageSettings | StimuliStorage, itemsize: int) -
     )
 
 
+def chunk_codecs(settings: StorageSettings | StimuliStorage, itemsize: int) -> tuple[Any, ...]:
+    """The bytes-to-bytes codecs of every chunk of a store's big arrays: the compressor (if
+    any), then a ``crc32c`` of the encoded bytes, so that a flipped byte is detected by every
+    reader (zarr-python, ours) instead of being decoded into wrong values."""
+    compressor = zarr_compressor(settings, itemsize)
+    return (*((compressor,) if compressor is not None else ()), Crc32cCodec())
+
+
 def numcodecs_compressor(
     settings: StorageSettings | StimuliStorage, itemsize: int
 ) -> numcodecs.abc.Codec | None:
@@ -129,7 +137,7 @@ def create_trial_array(
         dtype=dtype,
         chunks=(chunk_rows, *rest),
         shards=(shard_rows, *rest),
-        compressors=zarr_compressor(settings, np.dtype(dtype).itemsize),
+        compressors=chunk_codecs(settings, np.dtype(dtype).itemsize),
         fill_value=0,
         dimension_names=dimension_names,
     )
@@ -147,7 +155,7 @@ def create_image_array(
         dtype=np.uint8,
         chunks=(1, *shape[1:]),
         shards=(shard_rows, *shape[1:]),
-        compressors=zarr_compressor(settings, 1),
+        compressors=chunk_codecs(settings, 1),
         fill_value=0,
         dimension_names=("image", "y", "x", "channel"),
         # skip zarr's per-chunk comparison with the fill value (a third of the write time);

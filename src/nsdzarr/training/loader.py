@@ -216,7 +216,10 @@ class BetasDataset(Dataset):
     ``pooled_batches``: in DataLoader workers, hand batches to the main process through
     reused buffers (see ``BatchPool``) instead of fresh shared memory per batch.
     ``images``: an image store; items gain ``image`` (every item's nsd_id must be in it);
-    ``image_size=S`` reads its resized copy ``images_{S}``.
+    ``image_size=S`` reads its resized copy ``images_{S}``. ``verify_checksums=True`` checks
+    each chunk's crc32c before using it: a flipped byte is an InputError naming the file and
+    the trial. Off by default: it costs 44-61% of the read rate on raw ROI stores
+    (benchmarks/README.md), and ``nsdzarr verify`` checks every chunk of a store once.
     """
 
     def __init__(
@@ -233,6 +236,7 @@ class BetasDataset(Dataset):
         pooled_batches: bool = True,
         images: str | os.PathLike[str] | None = None,
         image_size: int | None = None,
+        verify_checksums: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -259,7 +263,7 @@ class BetasDataset(Dataset):
         if image_size is not None and images is None:
             raise ValueError("image_size needs images= (an image store)")
         self.split, self.normalize, self.average_repeats = split, normalize, average_repeats
-        self.in_memory = in_memory
+        self.in_memory, self.verify_checksums = in_memory, verify_checksums
         self.decode_threads = max(1, int(decode_threads))
         self.pooled_batches = pooled_batches and pool_available()
         self.stores = [
@@ -273,7 +277,7 @@ class BetasDataset(Dataset):
         self.images: ImageReader | None = None
         self._item_image: np.ndarray | None = None  # image store row of each item
         if images is not None:
-            self.images = ImageReader(images, image_size, self.max_open_files)
+            self.images = ImageReader(images, image_size, self.max_open_files, verify_checksums)
             self._item_image = self.images.rows_of(self._item_nsd_id())
         self._mem: list[torch.Tensor | None] = [None] * len(self.stores)
         self._mem_pos: list[np.ndarray | None] = [None] * len(self.stores)
@@ -398,7 +402,7 @@ class BetasDataset(Dataset):
         if reader is None:
             info = self.stores[s]
             if info.layout is not None:
-                reader = ShardRows(info.layout, self.max_open_files)
+                reader = ShardRows(info.layout, self.max_open_files, "trial", self.verify_checksums)
             else:
                 reader = ZarrRows(os.path.join(info.path, "betas"))
             rt.readers[s] = reader

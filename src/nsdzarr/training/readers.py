@@ -34,8 +34,16 @@ from nsdzarr.training.zarr_v3 import ArrayLayout, read_array
 class LazyRows:
     """Rows of one array through a reader made by the process that reads (fork-safe)."""
 
-    def __init__(self, array_dir: str, layout: ArrayLayout | None, max_open: int) -> None:
+    def __init__(
+        self,
+        array_dir: str,
+        layout: ArrayLayout | None,
+        max_open: int,
+        what: str = "row",
+        verify: bool = True,
+    ) -> None:
         self.array_dir, self.layout, self.max_open = array_dir, layout, max_open
+        self.what, self.verify = what, verify  # errors name the "trial"/"image"; crc32c checks
         self._reader: Any = None
         self._pid = 0
 
@@ -46,7 +54,7 @@ class LazyRows:
         if self._reader is not None:
             self._reader.forget()  # inherited through fork: close the copies
         if self.layout is not None:
-            self._reader = ShardRows(self.layout, self.max_open)
+            self._reader = ShardRows(self.layout, self.max_open, self.what, self.verify)
         else:
             self._reader = ZarrRows(self.array_dir)
         self._pid = os.getpid()
@@ -82,7 +90,8 @@ class ImageReader:
     """Stimulus images of an image store as uint8 (B, H, W, 3) arrays, by NSD id or row.
 
     ``size=S`` reads the resized copy ``images_{S}`` (InputError listing the sizes present
-    when it is absent). Rows are in ascending ``nsd_id`` order.
+    when it is absent). Rows are in ascending ``nsd_id`` order. ``verify_checksums=True``
+    checks each chunk's crc32c (off by default, as in ``BetasDataset``).
     """
 
     def __init__(
@@ -90,11 +99,16 @@ class ImageReader:
         store: str | os.PathLike[str],
         size: int | None = None,
         max_open_files: int | None = None,
+        verify_checksums: bool = False,
     ) -> None:
         self.info: ImageStoreInfo = load_image_info(store, size)
         self.size = size
         self._rows = LazyRows(
-            self.info.array_dir, self.info.layout, max_open_files or default_max_open_files(1)
+            self.info.array_dir,
+            self.info.layout,
+            max_open_files or default_max_open_files(1),
+            "image",
+            verify_checksums,
         )
 
     @property
@@ -173,7 +187,10 @@ class RoiReader:
         )
         self._voxels: np.ndarray | None = None
         self._rows = LazyRows(
-            str(root / "betas"), self.info.layout, max_open_files or default_max_open_files(1)
+            str(root / "betas"),
+            self.info.layout,
+            max_open_files or default_max_open_files(1),
+            "trial",
         )
 
     @property

@@ -5,6 +5,8 @@ cached shard indexes, chunks close together in one file are read with one ``prea
 reused buffer and decoded straight into the caller's rows (``zarr_v3.Decoder``). About 1 µs
 of Python per row besides the syscall and the decoder; zarr-python costs ~1 ms per call.
 A row is everything after the first axis: (trials, voxels) betas and (N, H, W, 3) images alike.
+Chunks that end with a crc32c (storage.chunk_codecs) are checked before they are used, unless
+``verify=False``; a mismatch is an InputError naming the file and the row.
 :class:`ZarrRows` is the fallback for any other layout.
 """
 
@@ -16,6 +18,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from nsdzarr.errors import InputError
@@ -38,8 +41,10 @@ class ShardRows:
     per chunk (480 KB for a 30000-trial subject).
     """
 
-    def __init__(self, layout: ArrayLayout, max_open: int) -> None:
-        self.layout = layout
+    def __init__(
+        self, layout: ArrayLayout, max_open: int, what: str = "row", verify: bool = True
+    ) -> None:
+        self.layout, self.what, self.verify = layout, what, verify
         self.max_open = max(1, max_open)
         n_obj = layout.n_objects()[0]
         rest = (0,) * (len(layout.shape) - 1)
@@ -49,7 +54,7 @@ class ShardRows:
         self.nbytes = np.zeros((n_obj, layout.n_inner), dtype=np.int64)  # -1: empty chunk
         self.loaded = np.zeros(n_obj, dtype=bool)
         self._local = threading.local()
-        self._main_decoder = Decoder(layout.codec)
+        self._main_decoder = Decoder(layout.codec, layout.chunk_crc, verify)
 
     # ---- files
     def fd(self, obj: int) -> int | None:
@@ -109,7 +114,9 @@ class ShardRows:
             return self._main_decoder
         dec = getattr(self._local, "decoder", None)
         if dec is None:
-            dec = self._local.decoder = Decoder(self.layout.codec)
+            dec = self._local.decoder = Decoder(
+                self.layout.codec, self.layout.chunk_crc, self.verify
+            )
         return dec
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray, executor: Any = None) -> None:
@@ -122,7 +129,11 @@ class ShardRows:
         chunk, k = np.divmod(local, lay.inner[0])
         if not self.loaded[obj].all():
             for o in np.unique(obj[~self.loaded[obj]]).tolist():
-                self.load_index(o)
+                try:
+                    self.load_index(o)
+                except InputError as err:  # a damaged index: name the first row asked of it
+                    first = int(rows[obj == o][0])
+                    raise InputError(err.path, f"{self.what} {first}: {err.problem}") from None
         off, nb = self.offset[obj, chunk], self.nbytes[obj, chunk]
         obj_l, off_l, nb_l, k_l = obj.tolist(), off.tolist(), nb.tolist(), k.tolist()
         # runs in file order: [object, start, stop, [[offset, nbytes, [(row, k), ...]], ...], fd]
@@ -152,13 +163,20 @@ class ShardRows:
             if fd is None:
                 raise InputError(self.paths[run[0]], "shard file vanished while reading")
             run.append(fd)
-        if executor is not None and len(runs) > 1:
-            half = len(runs) // 2
-            future = executor.submit(self._decode_runs, runs[half:], out)
-            self._decode_runs(runs[:half], out)
-            future.result()
-        else:
-            self._decode_runs(runs, out)
+        try:
+            if executor is not None and len(runs) > 1:
+                half = len(runs) // 2
+                future = executor.submit(self._decode_runs, runs[half:], out)
+                self._decode_runs(runs[:half], out)
+                future.result()
+            else:
+                self._decode_runs(runs, out)
+        except _BadChunk as bad:
+            raise InputError(
+                self.paths[bad.obj],
+                f"{self.what} {int(rows[bad.j])}: chunk at byte {bad.offset} cannot be decoded "
+                f"({bad.why}); store corrupt",
+            ) from None
         self.trim()
 
     def _decode_runs(self, runs: list[list[Any]], out: np.ndarray) -> None:
@@ -194,9 +212,7 @@ class ShardRows:
                         src = buf[f - start : f - start + nbytes]
                         dec.into(src, out[j0] if r == 1 else chunk_buf)
                 except ValueError as exc:
-                    raise InputError(
-                        self.paths[o], f"chunk at byte {f} cannot be decoded ({exc}); store corrupt"
-                    ) from exc
+                    raise _BadChunk(o, f, j0, exc) from exc
                 if r > 1:
                     for j, kk in dests:
                         out[j] = chunk_buf[kk]
@@ -210,24 +226,43 @@ class ShardRows:
         """One ``preadv`` of a run of raw one-row chunks into their rows of ``out`` (flat
         bytes, rows of ``n``), the gaps into ``junk``; False (nothing read) when the run does
         not fit that plan."""
-        if 2 * len(chunks) > IOV_MAX:
+        crc = 4 if self.layout.chunk_crc else 0  # each row's crc32c read into sums
+        if (2 + (crc > 0)) * len(chunks) > IOV_MAX:
             return False
         iov, pos = [], start
-        for f, nbytes, dests in chunks:
-            if nbytes != n or f < pos or f - pos > len(junk):
+        sums = np.empty((len(chunks), crc), np.uint8) if crc else None
+        for c, (f, nbytes, dests) in enumerate(chunks):
+            if nbytes != n + crc or f < pos or f - pos > len(junk):
                 return False  # the buffered path reports a damaged chunk
             if f > pos:
                 iov.append(junk[: f - pos])
             j0 = dests[0][0]
             iov.append(out[j0 * n : (j0 + 1) * n])
+            if crc:
+                iov.append(sums[c])
             pos = f + nbytes
         if os.preadv(fd, iov, start) != stop - start:
             raise InputError(self.paths[o], "shard file shorter than its index; corrupt")
+        if crc and self.verify:
+            rows = np.frombuffer(out, np.uint8)  # out is the flat memoryview of the rows
+            stored = sums.view("<u4").ravel().tolist()
+            for c, (f, _, dests) in enumerate(chunks):
+                j0 = dests[0][0]
+                if google_crc32c.value(rows[j0 * n : (j0 + 1) * n]) != stored[c]:
+                    raise _BadChunk(o, f, j0, "crc32c checksum mismatch")
         for _, _, dests in chunks:
             j0 = dests[0][0]
             for j, _ in dests[1:]:  # the same row asked more than once
                 out[j * n : (j + 1) * n] = out[j0 * n : (j0 + 1) * n]
         return True
+
+
+class _BadChunk(Exception):
+    """A chunk that fails its checksum or decoding: stored object, byte offset, output row."""
+
+    def __init__(self, obj: int, offset: int, j: int, why: object) -> None:
+        super().__init__(obj, offset, j, why)
+        self.obj, self.offset, self.j, self.why = obj, offset, j, why
 
 
 class ZarrRows:

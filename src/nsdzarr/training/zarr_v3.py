@@ -1,11 +1,12 @@
 """Zarr v3 arrays of the layouts nsd-zarr writes, read without zarr-python.
 
-Metadata (``zarr.json``), shard indexes and chunk decoding (``bytes`` then zstd or blosc),
-shared by the training loader's row reader and the converter's whole-shard reads. Decoding
-calls the zstd and blosc libraries bundled in numcodecs through ctypes, straight into the
-destination buffer with the GIL released; without those symbols (or with
-``NSDZARR_DISABLE_PRIVATE=decoders``, :mod:`.fallbacks`) it goes through zstandard or numcodecs
-(one extra copy, more overhead per chunk).
+Metadata (``zarr.json``), shard indexes and chunk decoding (``bytes`` then zstd or blosc,
+then an optional ``crc32c`` checksum, verified before decoding), shared by the training
+loader's row reader and the converter's whole-shard reads. Decoding calls the zstd and blosc
+libraries bundled in numcodecs through ctypes, straight into the destination buffer with the
+GIL released; without those symbols (or with ``NSDZARR_DISABLE_PRIVATE=decoders``,
+:mod:`.fallbacks`) it goes through zstandard or numcodecs (one extra copy, more overhead per
+chunk).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class ArrayLayout:
 
     ``grid`` is the shape of one stored object (a shard, or a chunk when unsharded), ``inner``
     the shape of one encoded chunk inside it (== ``grid`` when unsharded). ``codec`` is the
-    bytes-to-bytes compressor after the ``bytes`` codec, or None.
+    bytes-to-bytes compressor after the ``bytes`` codec, or None; ``chunk_crc`` whether each
+    encoded chunk ends with its ``crc32c`` (4 bytes, little endian).
     """
 
     path: str
@@ -50,6 +52,7 @@ class ArrayLayout:
     index_crc: bool
     key_prefix: str
     separator: str
+    chunk_crc: bool = False
 
     @property
     def n_inner(self) -> int:
@@ -77,17 +80,20 @@ def read_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _bytes_pipeline(codecs: list[Any]) -> tuple[np.dtype, str | None] | None:
-    """``[bytes, (zstd|blosc)?]`` -> (byte order prefix, compressor name); None if unsupported."""
+def _bytes_pipeline(codecs: list[Any]) -> tuple[str, str | None, bool] | None:
+    """``[bytes, (zstd|blosc)?, crc32c?]`` -> (byte order prefix, compressor name, checksum);
+    None if unsupported."""
     if not codecs or not isinstance(codecs[0], dict) or codecs[0].get("name") != "bytes":
         return None
     endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     if endian not in ("little", "big"):
         return None
     rest = [c.get("name") if isinstance(c, dict) else c for c in codecs[1:]]
+    crc = bool(rest) and rest[-1] == "crc32c"
+    rest = rest[:-1] if crc else rest
     if len(rest) > 1 or (rest and rest[0] not in ("zstd", "blosc")):
         return None
-    return ("<" if endian == "little" else ">"), (rest[0] if rest else None)
+    return ("<" if endian == "little" else ">"), (rest[0] if rest else None), crc
 
 
 def parse_layout(array_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], ArrayLayout | None]:
@@ -131,24 +137,42 @@ def parse_layout(array_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Arr
     pipeline = _bytes_pipeline(codecs)
     if pipeline is None or len(grid) != len(shape):
         return meta, None
-    order, codec = pipeline
+    order, codec, chunk_crc = pipeline
     fill = meta.get("fill_value", 0)
     if not isinstance(fill, int | float) or isinstance(fill, bool):
         return meta, None
     layout = ArrayLayout(
         str(array_dir), shape, dtype.newbyteorder(order), fill, grid, inner, sharded, codec,
-        index_at_end, index_crc, prefix, sep,
+        index_at_end, index_crc, prefix, sep, chunk_crc,
     )  # fmt: skip
     return meta, layout
 
 
-class Decoder:
-    """Decode encoded chunks into buffers of their exact decoded size (one per thread)."""
+def strip_crc(buf: np.ndarray, off: int, nb: int, verify: bool = True) -> int:
+    """Size of the chunk ``buf[off:off + nb]`` without its trailing crc32c, which is checked
+    against the rest unless ``verify`` is false (ValueError on a mismatch)."""
+    if nb < 4:
+        raise ValueError(f"chunk of {nb} bytes cannot hold its crc32c")
+    nb -= 4
+    if verify:
+        stored = int.from_bytes(buf[off + nb : off + nb + 4], "little")
+        got = google_crc32c.value(buf[off : off + nb])
+        if got != stored:
+            raise ValueError(f"crc32c checksum mismatch (stored {stored:#010x}, got {got:#010x})")
+    return nb
 
-    def __init__(self, codec: str | None) -> None:
+
+class Decoder:
+    """Decode encoded chunks into buffers of their exact decoded size (one per thread).
+
+    With ``crc`` each encoded chunk ends with its crc32c: checked first unless ``verify`` is
+    false, then left out of decoding.
+    """
+
+    def __init__(self, codec: str | None, crc: bool = False, verify: bool = True) -> None:
         if codec not in (None, "zstd", "blosc"):
             raise ValueError(f"unsupported codec {codec!r}")
-        self.codec = codec
+        self.codec, self.crc, self.verify = codec, crc, verify
         self._lib = self._dctx = self._py = None
         if codec == "zstd":
             self._lib = numcodecs_c_library("zstd")
@@ -177,6 +201,8 @@ class Decoder:
         ``buf_addr`` is ``buf``'s address: the hot path passes addresses, as making numpy's
         ctypes views costs more than the call. Raises ValueError on damaged data.
         """
+        if self.crc:
+            nb = strip_crc(buf, off, nb, self.verify)
         if self.codec is None:
             if nb != n:
                 raise ValueError(f"raw chunk of {nb} bytes, expected {n}")
@@ -193,6 +219,8 @@ class Decoder:
 
     def into(self, src: np.ndarray, out: np.ndarray) -> None:
         """Decode ``src`` (contiguous uint8) into ``out`` (contiguous) or raise ValueError."""
+        if self.crc and not self.direct:
+            src = src[: strip_crc(src, 0, src.nbytes, self.verify)]
         if self.direct:
             self.at(src, src.ctypes.data, 0, src.nbytes, out.ctypes.data, out.nbytes)
         elif self.codec == "blosc":
@@ -260,7 +288,7 @@ def object_index(lay: ArrayLayout, data: bytes, path: str) -> np.ndarray:
 def object_chunks(lay: ArrayLayout, data: bytes, path: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (inner chunk number, decoded chunk) of a whole stored object's bytes."""
     idx = object_index(lay, data, path)
-    dec = Decoder(lay.codec)
+    dec = Decoder(lay.codec, lay.chunk_crc)
     buf = np.frombuffer(data, np.uint8)
     for c, (off, nb) in enumerate(idx.tolist()):
         if off == EMPTY and nb == EMPTY:
