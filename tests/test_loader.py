@@ -505,6 +505,7 @@ def test_raw_store_default_disk_and_memory(store: Path, truth: dict, normalize: 
         np.testing.assert_array_equal(ds[int(idx[5])]["betas"].numpy(), ref[idx[5]])
 
 
+@pytest.mark.slow  # zarr-python per row (blosc: also test_fallbacks; gzip: test_readers)
 def test_blosc_store_and_zarr_fallback(store: Path, truth: dict):
     roi = store.parent
     lz4 = rewrite_betas(

@@ -62,6 +62,7 @@ def test_labels_select_their_voxels(demo_root: Path):
     assert mask.labels == (1, 2)
 
 
+@pytest.mark.slow  # three sessions extracted and finished (the part tests stay fast)
 def test_session_rows_equal_the_source_and_stats_use_train_trials(
     demo_root: Path, trials_tsv: Path, tmp_path: Path
 ):

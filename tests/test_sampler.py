@@ -259,7 +259,8 @@ def epoch_batches(loader, n: int | None = None) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("by_subject", [False, True])
+# one store: slow lane (by_subject=True resumes too, over both stores)
+@pytest.mark.parametrize("by_subject", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_resume_with_stateful_dataloader(stores, by_subject: bool):
     ds = BetasDataset(stores if by_subject else stores[0], split="test")  # voxels differ
 
