@@ -157,3 +157,31 @@ def test_underestimate_is_killed_then_retried_with_more_memory(slurm, tmp_path: 
     assert second[0]["State"] == "COMPLETED", second
     assert to_mb(second[0]["ReqMem"]) == 2 * to_mb(first[0]["ReqMem"])
     assert (tmp_path / "results/subj01/betas/session01.zarr/zarr.json").exists()
+
+
+# SLURM checks time limits every 30 s, so a 1-minute job is killed 60-90 s after it starts and
+# a 2-minute one not before 120 s: a job that converts this long after its start (and takes
+# ~1 s for it, then 3-8 s to end Snakemake in the job) outlives the first and fits the second.
+JOB_DELAY_S = 96
+
+
+def test_short_runtime_times_out_then_retried_with_more_time(
+    slurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # runtime.factor 0.1: convert's 5-minute estimate becomes a 1-minute request
+    config = {**default_config(), "runtime": {"factor": 0.1}}
+    run_on_slurm(tmp_path, config, "results/subj01/estimates/session01.json")
+    monkeypatch.setenv("NSDZARR_JOB_DELAY_S", str(JOB_DELAY_S))
+    output = run_on_slurm(tmp_path, config, "results/subj01/betas/session01.zarr")
+    jobs = [j for j, rule, _w in submitted_jobs(output) if rule == "convert"]
+    assert len(jobs) == 2, output[-3000:]
+    first, second = (sacct(jobs)[j][0] for j in jobs)
+    assert first["State"] == "TIMEOUT", first
+    assert to_s(first["Timelimit"]) == 60, first
+    assert to_s(first["Elapsed"]) > to_s(first["Timelimit"]), first
+    assert second["State"] == "COMPLETED", second
+    assert to_s(second["Timelimit"]) == 2 * to_s(first["Timelimit"]), second
+    assert to_s(second["Elapsed"]) <= to_s(second["Timelimit"]), second
+    betas = tmp_path / "results/subj01/betas"
+    assert (betas / "session01.zarr/zarr.json").exists()
+    assert sorted(p.name for p in betas.iterdir()) == ["session01.zarr"]  # no partial store
