@@ -14,8 +14,6 @@ cluster (tests/slurm/cluster.sh start); not part of CI.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import subprocess
 import sys
 import time
@@ -28,17 +26,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_slurm import sacct, to_mb, to_s  # noqa: E402
+from test_slurm import estimated, sacct, submitted_jobs, to_mb, to_s  # noqa: E402
 
 from nsdzarr.prepare.demo import write_demo  # noqa: E402
 from nsdzarr.prepare.layout import DemoSpec  # noqa: E402
 from nsdzarr.prepare.memory import MB  # noqa: E402
 
 SPEC = DemoSpec(sessions=1, shape_xyz=(81, 104, 83))  # NSD's func1pt8mm grid
-# every submission, also of rules without wildcards (stimuli, stimuli_estimate)
-SUBMITTED = re.compile(
-    r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+?)/(?:([^/]*)/)?\d+\.log\)"
-)
 
 
 def config(root: Path) -> dict:
@@ -59,18 +53,6 @@ def benchmark_peak_mb(workdir: Path, rule: str, wildcards: str) -> float | None:
         return None
     header, values = path.read_text().splitlines()[:2]
     return float(dict(zip(header.split("\t"), values.split("\t"), strict=True))["max_rss"])
-
-
-def predicted(workdir: Path, rule: str, wildcards: str) -> dict | None:
-    """The job's estimate (mem_mb, peak_bytes) from its estimate file (None: it has none)."""
-    if rule == "stimuli_estimate":
-        return None
-    if rule == "stimuli":
-        return json.loads((workdir / "results/stimuli/estimate.json").read_text())["jobs"][rule]
-    subject, *roi, session = wildcards.split("_")
-    est = json.loads((workdir / f"results/{subject}/estimates/session{session}.json").read_text())
-    key = f"roi_session/{'_'.join(roi)}" if rule == "roi_session" else rule
-    return est["jobs"][key]
 
 
 def main() -> None:
@@ -99,7 +81,7 @@ def main() -> None:
     output = proc.stdout + proc.stderr
     (args.workdir / "snakemake.log").write_text(output)
     print(f"snakemake exit {proc.returncode} in {wall:.0f} s", flush=True)
-    jobs = SUBMITTED.findall(output)
+    jobs = submitted_jobs(output)
     accounting = sacct([job_id for job_id, _rule, _wc in jobs])
     print(
         f"{'job':32} {'state':10} {'limit s':>8} {'wall s':>7} {'req MB':>7} {'sacct MB':>8} "
@@ -111,7 +93,7 @@ def main() -> None:
         job_row = rows[0]
         measured = sum(to_mb(r["MaxRSS"]) for r in rows[1:])
         requested = to_mb(job_row["ReqMem"])
-        est = predicted(run, rule, wildcards)
+        est = estimated(run, rule, wildcards)
         model = est["peak_bytes"] / MB if est else float("nan")
         bench = benchmark_peak_mb(run, rule, wildcards)
         if est:
