@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 
 from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import SESSIONS, VOLUMES_XYZ
-from nsdzarr.prepare import layout
+from nsdzarr.prepare import layout, memory, runtime
 from nsdzarr.prepare.demo import DemoSpec, write_betas_hdf5
-from nsdzarr.prepare.estimate import write_session_estimate
+from nsdzarr.prepare.estimate import estimate_from_metadata, write_session_estimate
 from nsdzarr.prepare.hdf5_read import SessionReader
 from nsdzarr.prepare.memory import (
     MB,
@@ -23,7 +24,7 @@ from nsdzarr.prepare.memory import (
     budget_bytes,
     plan_conversion,
 )
-from nsdzarr.prepare.nsd import release_estimates
+from nsdzarr.prepare.nsd import ASSUMED_COMPRESSION_RATIO, release_estimates, session_metadata
 from nsdzarr.prepare.resources import estimate_job_mem_mb, estimate_job_runtime_min, job_runtime_min
 from nsdzarr.prepare.runtime import session_job_minutes
 from nsdzarr.prepare.storage import StorageSettings
@@ -73,6 +74,35 @@ def test_plan_fits_any_budget_above_the_fixed_costs():
 def test_a_ceiling_below_the_minimum_is_a_clear_error():
     with pytest.raises(InputError, match=r"memory.ceiling_mb 600 is below the \d+ MB"):
         release_estimates("func1pt8mm", ceiling_mb=600)
+
+
+def test_a_1mm_session_needs_a_ceiling_of_one_shard_or_smaller_shards():
+    meta = session_metadata("subj01", "func1mm")  # 750 x 148 x 186 x 145
+
+    def convert(ceiling_mb: int, trials_per_shard: int = 50) -> dict:
+        settings = StorageSettings(trials_per_shard=trials_per_shard)
+        est = estimate_from_metadata(meta, settings, ASSUMED_COMPRESSION_RATIO, ceiling_mb)
+        return est["jobs"]["convert"]
+
+    # one plane's slab and one whole 50-trial shard (400 MB) do not fit 1000 MB at 1 mm
+    with pytest.raises(InputError, match=r"1000 is below the 1312 MB .*trials_per_shard"):
+        convert(1000)
+    assert convert(1312)["mem_mb"] <= 1312
+    assert convert(1000, trials_per_shard=10)["strategy"] == "slabs"
+    assert convert(1000, trials_per_shard=10)["mem_mb"] <= 1000
+
+
+def test_readme_states_the_model_as_the_code_has_it():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    figures = re.findall(r"`(memory|runtime)\.([A-Z_]+)` \((\d+)( MB| MB/s| min)?\)", readme)
+    named = {name for _module, name, _n, _unit in figures}
+    assert {"SNAKEMAKE_JOB_BYTES", "BASELINE_BYTES", "READ_BUFFER_BYTES"} <= named, figures
+    assert {"SESSION_BYTES_PER_S", "SESSION_SLOWDOWN", "MIN_RUNTIME_MIN"} <= named, figures
+    for module, name, number, unit in figures:
+        value = getattr({"memory": memory, "runtime": runtime}[module], name)
+        assert value == int(number) * (MB if "MB" in unit else 1), (name, number, unit)
+    one_mm = memory.slab_peak((750, 148, 186, 145), 2, 50, 1)
+    assert f"at least {memory.request_mb(one_mm):,} MB" in readme
 
 
 def test_session_estimate_from_the_demo(demo_root: Path, tmp_path: Path):

@@ -19,8 +19,9 @@ import pytest
 from conftest import REPO, default_config, run_snakemake
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+# every submission; a rule without wildcards (stimuli) logs to rule_<rule>/<jobid>.log
 SUBMITTED = re.compile(
-    r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+?)/([^/]*)/\d+\.log\)"
+    r"submitted with SLURM jobid (\d+) \(log: .*?/rule_(\w+?)/(?:([^/]*)/)?\d+\.log\)"
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -95,8 +96,10 @@ def estimated(workdir: Path, rule: str, wildcards: str) -> dict | None:
     """The estimate of that job (mem_mb, runtime_min) from its session's estimate file.
 
     ``wildcards`` is the plugin's log folder name, the values joined by "_" in the order of
-    the output pattern: ``subj01_03``, or ``subj01_V1_03`` for roi_session.
+    the output pattern: ``subj01_03``, or ``subj01_V1_03`` for roi_session (none for stimuli).
     """
+    if rule == "stimuli":
+        return json.loads((workdir / "results/stimuli/estimate.json").read_text())["jobs"][rule]
     if rule not in ("estimate", "convert", "roi_session"):
         return None
     subject, *roi, session = wildcards.split("_")
@@ -122,7 +125,7 @@ def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
     output = run_on_slurm(tmp_path, default_config())
     jobs = submitted_jobs(output)
     rules = {rule for _id, rule, _wc in jobs}
-    assert {"estimate", "convert", "roi_session"} <= rules, output[-3000:]
+    assert {"estimate", "convert", "roi_session", "stimuli"} <= rules, output[-3000:]
     accounting = sacct([job_id for job_id, _rule, _wc in jobs])
     ratios = []
     for job_id, rule, wildcards in jobs:
@@ -137,9 +140,12 @@ def test_demo_on_slurm_requests_the_estimates(slurm, tmp_path: Path):
         # the time limit is the estimate's (runtime.factor 1, first attempt), and was kept
         assert to_s(job_row["Timelimit"]) == 60 * expected["runtime_min"], (rule, rows)
         assert to_s(job_row["Elapsed"]) <= to_s(job_row["Timelimit"]), (rule, rows)
+        # COMPLETED, not OUT_OF_MEMORY: the cgroup, which counts each page once, stayed under the
+        # request. sacct sums each step's processes' RSS, so a fork not yet exec'd counts its
+        # parent twice (a stimuli batch step read 271 MB once, 150 MB usually): the sum is the
+        # measure of the ratios below, not a bound
         steps_rss = [to_mb(r["MaxRSS"]) for r in rows[1:]]
         assert max(steps_rss) < requested, (rule, wildcards, rows)
-        assert sum(steps_rss) < requested, (rule, wildcards, rows)
         ratios.append(requested / sum(steps_rss))
     # requests close to what the jobs used: median <= 1.3x, none above 2x
     print("request / measured per job:", sorted(round(r, 2) for r in ratios))
@@ -157,3 +163,31 @@ def test_underestimate_is_killed_then_retried_with_more_memory(slurm, tmp_path: 
     assert second[0]["State"] == "COMPLETED", second
     assert to_mb(second[0]["ReqMem"]) == 2 * to_mb(first[0]["ReqMem"])
     assert (tmp_path / "results/subj01/betas/session01.zarr/zarr.json").exists()
+
+
+# SLURM checks time limits every 30 s, so a 1-minute job is killed 60-90 s after it starts and
+# a 2-minute one not before 120 s: a job that converts this long after its start (and takes
+# ~1 s for it, then 3-8 s to end Snakemake in the job) outlives the first and fits the second.
+JOB_DELAY_S = 96
+
+
+def test_short_runtime_times_out_then_retried_with_more_time(
+    slurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # runtime.factor 0.1: convert's 5-minute estimate becomes a 1-minute request
+    config = {**default_config(), "runtime": {"factor": 0.1}}
+    run_on_slurm(tmp_path, config, "results/subj01/estimates/session01.json")
+    monkeypatch.setenv("NSDZARR_JOB_DELAY_S", str(JOB_DELAY_S))
+    output = run_on_slurm(tmp_path, config, "results/subj01/betas/session01.zarr")
+    jobs = [j for j, rule, _w in submitted_jobs(output) if rule == "convert"]
+    assert len(jobs) == 2, output[-3000:]
+    first, second = (sacct(jobs)[j][0] for j in jobs)
+    assert first["State"] == "TIMEOUT", first
+    assert to_s(first["Timelimit"]) == 60, first
+    assert to_s(first["Elapsed"]) > to_s(first["Timelimit"]), first
+    assert second["State"] == "COMPLETED", second
+    assert to_s(second["Timelimit"]) == 2 * to_s(first["Timelimit"]), second
+    assert to_s(second["Elapsed"]) <= to_s(second["Timelimit"]), second
+    betas = tmp_path / "results/subj01/betas"
+    assert (betas / "session01.zarr/zarr.json").exists()
+    assert sorted(p.name for p in betas.iterdir()) == ["session01.zarr"]  # no partial store

@@ -125,7 +125,8 @@ def estimate_from_metadata(
         raise InputError(
             meta["path"],
             f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(plan.peak_bytes)} MB "
-            "this session needs even in bounded-memory slabs",
+            "this session needs even in bounded-memory slabs, one plane at a time, holding one "
+            f"{settings.trials_per_shard}-trial shard (or lower storage.trials_per_shard)",
         )
     runtime = session_job_minutes(raw)
     estimate_bytes = estimate_peak(shape, itemsize)

@@ -3,20 +3,42 @@
 Known failures: :class:`NsdzarrError` (bad input, failed verification, an output that cannot be
 written) and an ``OSError`` of a full disk, a quota, a read-only or forbidden file outside
 ``atomic_output`` (named by the error's own file name).
+
+For tests of SLURM time limits (which act in whole minutes), ``NSDZARR_JOB_DELAY_S`` in the
+environment makes every job wait until that many seconds after it started (its SLURM job's start,
+or now outside SLURM) before its work.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from nsdzarr.errors import NsdzarrError, output_error
 
 log = logging.getLogger("nsdzarr")
+
+
+def _test_delay() -> None:
+    """Wait until ``NSDZARR_JOB_DELAY_S`` seconds after the job started, if it is set."""
+    delay = float(os.environ.get("NSDZARR_JOB_DELAY_S") or 0)
+    if not delay:
+        return
+    started = time.time()
+    if job_id := os.environ.get("SLURM_JOB_ID"):
+        # Snakemake's own start inside the job varies with the load (5-30 s): count from SLURM's
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%S"], capture_output=True)
+        started = datetime.fromisoformat(out.stdout.decode().strip()).timestamp()
+    wait = max(0.0, started + delay - time.time())
+    log.info("waiting %.0f s (NSDZARR_JOB_DELAY_S=%s)", wait, delay)
+    time.sleep(wait)
 
 
 def run_job(
@@ -33,6 +55,7 @@ def run_job(
         handlers=handlers,
         force=True,
     )
+    _test_delay()
     start = time.perf_counter()
     try:
         result = func(*args, **kwargs)
