@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_slurm import estimated, sacct, submitted_jobs, to_mb, to_s  # noqa: E402
 
 from nsdzarr.prepare.demo import write_demo  # noqa: E402
-from nsdzarr.prepare.layout import DemoSpec  # noqa: E402
+from nsdzarr.prepare.demo_spec import DemoSpec  # noqa: E402
 from nsdzarr.prepare.memory import MB  # noqa: E402
 
 SPEC = DemoSpec(sessions=1, shape_xyz=(81, 104, 83))  # NSD's func1pt8mm grid
