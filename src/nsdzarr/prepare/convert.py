@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -10,7 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -24,6 +24,7 @@ from nsdzarr.prepare.hdf5_read import SessionReader
 from nsdzarr.prepare.layout import BETA_SCALE, BETA_UNITS
 from nsdzarr.prepare.memory import ConversionPlan, plan_conversion
 from nsdzarr.prepare.storage import StorageSettings, create_trial_array, trial_blocks
+from nsdzarr.prepare.verify import crc32c, default_reader, read_blocks
 from nsdzarr.training.zarr_v3 import parse_layout
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def plane_checksums(block: np.ndarray) -> np.ndarray:
     out = np.empty(block.shape[:2], dtype=np.uint32)
     for t in range(block.shape[0]):
         for z in range(block.shape[1]):
-            out[t, z] = google_crc32c.value(block[t, z].tobytes())
+            out[t, z] = crc32c(block[t, z])
     return out
 
 
@@ -75,14 +76,18 @@ def source_attrs(source: Path) -> dict[str, Any]:
     return {"path": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+# False: every shard through zarr-python (benchmarks/convert.py compares the two writers)
+OWN_SHARD_WRITER = True
+
+
 class ShardIO:
-    """Whole-shard writes and reads of one array: on all cores where ``shards`` handles the
-    layout, through zarr-python otherwise."""
+    """Whole-shard writes of one array: on all cores where ``shards`` handles the layout,
+    through zarr-python otherwise."""
 
     def __init__(self, arr: zarr.Array, root: Path, pool: ThreadPoolExecutor) -> None:
         self.arr, self.root, self.pool = arr, root, pool
-        self.fast = shards.handles(arr)
-        self.layout = parse_layout(root / arr.path)[1] if self.fast else None
+        self.fast = OWN_SHARD_WRITER and shards.handles(arr)
+        self.layout = parse_layout(root / arr.path)[1]
 
     def write(self, t0: int, block: np.ndarray) -> None:
         if self.fast:
@@ -90,10 +95,11 @@ class ShardIO:
         else:
             self.arr[t0 : t0 + len(block)] = block
 
-    def read(self, t0: int, t1: int) -> np.ndarray:
-        if self.fast:
-            return shards.read_shard(self.arr, self.layout, self.root, t0, t1 - t0, self.pool)
-        return self.arr[t0:t1]
+    def shard_file(self, t0: int) -> str:
+        """The file of the shard holding row ``t0``."""
+        if self.layout is None:
+            raise ValueError(f"{self.arr.path}: not a layout our reader knows")
+        return self.layout.key((t0 // self.layout.grid[0],) + (0,) * (self.arr.ndim - 1))
 
 
 def _write_in_memory(reader: SessionReader, io: ShardIO) -> np.ndarray:
@@ -138,21 +144,35 @@ def _write_by_slabs(
 
 
 def verify_store(
-    arr: zarr.Array, expected: np.ndarray, target: Path, io: ShardIO | None = None
-) -> None:
-    """Re-read every shard, compare plane checksums with the source's, raise on a difference."""
+    array_dir: str | os.PathLike[str],
+    expected: np.ndarray,
+    target: str | os.PathLike[str],
+    reader: str | None = None,
+) -> str:
+    """Re-read every shard of the finished array through an independent reader
+    (``verify.read_blocks``: tensorstore, else zarr-python), compare plane checksums with the
+    source's, raise on a difference; returns the reader used."""
+    reader = reader or default_reader()
+    meta = json.loads((Path(array_dir) / "zarr.json").read_text())
+    block = meta["chunk_grid"]["configuration"]["chunk_shape"][0]  # one shard
     bad: list[int] = []
-    for t0, t1 in trial_blocks(arr.shape[0], arr.shards[0]):
+    blocks = read_blocks(array_dir, block, reader)
+    t0 = 0
+    while t0 < len(expected):
         try:
-            got = plane_checksums(io.read(t0, t1) if io else arr[t0:t1])
+            t0, rows = next(blocks)
+            got = plane_checksums(rows)
+        except StopIteration:
+            raise VerificationError(target, f"store ends before trial {t0}") from None
         except Exception as err:  # any codec or index error means the bytes on disk are bad
             raise VerificationError(
-                target, f"shard of trials {t0}..{t1 - 1} unreadable: {err}"
+                target, f"shard of trials {t0}..{t0 + block - 1} unreadable by {reader}: {err}"
             ) from None
-
-        bad += (np.flatnonzero(np.any(got != expected[t0:t1], axis=1)) + t0).tolist()
+        bad += (np.flatnonzero(np.any(got != expected[t0 : t0 + len(rows)], axis=1)) + t0).tolist()
+        t0 += len(rows)
     if bad:
         raise VerificationError(target, f"store differs from its source at trials {bad[:10]}")
+    return reader
 
 
 def convert_session(
@@ -199,7 +219,7 @@ def convert_session(
                 # goes with it when the next run removes stale temporaries
                 scratch = scratch_dir or str(tmp)
                 sums = _write_by_slabs(reader, io, plan.planes_per_slab, scratch)
-            verify_store(arr, sums, target, io)
+            verify_store(Path(tmp) / "betas", sums, target)
             group.create_array(
                 "plane_checksums", data=sums, compressors=None, dimension_names=("trial", "z")
             )
