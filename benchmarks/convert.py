@@ -47,10 +47,8 @@ z[:] = a
 """
 
 OURS = """
-from nsdzarr.prepare import convert
 from nsdzarr.prepare.convert import convert_session
 from nsdzarr.prepare.storage import StorageSettings
-convert.OWN_SHARD_WRITER = OWN_WRITER
 t = time.perf_counter()
 convert_session(SOURCE, TARGET, StorageSettings(**SETTINGS), memory_budget_bytes=BUDGET,
                 strategy=STRATEGY, threads=2)
@@ -99,9 +97,6 @@ def main() -> None:
         ("ours, in memory", OURS, {"SETTINGS": default, "BUDGET": None, "STRATEGY": "in-memory"}),
         ("ours, 512 MB budget", OURS, {"SETTINGS": default, "BUDGET": 512 * MB, "STRATEGY": None}),
     ]
-    for name, body, params in list(variants[1:]):  # the same through zarr-python's writer
-        variants.append((f"{name}, zarr-python writer", body, {**params, "OWN_WRITER": False}))
-    variants = [(n, b, {**p, "OWN_WRITER": True} if b is OURS else p) for n, b, p in variants]
     if args.codecs:
         for codec, level, shuffle in (
             ("blosc-lz4", 5, "shuffle"),
@@ -119,7 +114,6 @@ def main() -> None:
                         "SETTINGS": settings,
                         "BUDGET": None,
                         "STRATEGY": "in-memory",
-                        "OWN_WRITER": True,
                     },
                 )
             )
@@ -133,7 +127,6 @@ def main() -> None:
                         "SETTINGS": settings,
                         "BUDGET": None,
                         "STRATEGY": "in-memory",
-                        "OWN_WRITER": True,
                     },
                 )
             )

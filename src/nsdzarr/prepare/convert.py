@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from zarr.codecs import BloscCodec
 
 from nsdzarr import __version__
 from nsdzarr.errors import VerificationError
-from nsdzarr.prepare import shards
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
@@ -76,24 +74,16 @@ def source_attrs(source: Path) -> dict[str, Any]:
     return {"path": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-# False: every shard through zarr-python (benchmarks/convert.py compares the two writers)
-OWN_SHARD_WRITER = True
-
-
 class ShardIO:
-    """Whole-shard writes of one array: on all cores where ``shards`` handles the layout,
-    through zarr-python otherwise."""
+    """Whole-shard writes of one array through zarr-python (our own shard writer measured no
+    faster: benchmarks/README.md, 2026-12-01)."""
 
-    def __init__(self, arr: zarr.Array, root: Path, pool: ThreadPoolExecutor) -> None:
-        self.arr, self.root, self.pool = arr, root, pool
-        self.fast = OWN_SHARD_WRITER and shards.handles(arr)
+    def __init__(self, arr: zarr.Array, root: Path) -> None:
+        self.arr, self.root = arr, root
         self.layout = parse_layout(root / arr.path)[1]
 
     def write(self, t0: int, block: np.ndarray) -> None:
-        if self.fast:
-            shards.write_shard(self.arr, self.root, t0, block, self.pool)
-        else:
-            self.arr[t0 : t0 + len(block)] = block
+        self.arr[t0 : t0 + len(block)] = block
 
     def shard_file(self, t0: int) -> str:
         """The file of the shard holding row ``t0``."""
@@ -197,7 +187,6 @@ def convert_session(
     with (
         SessionReader(source) as reader,
         zarr.config.set({"threading.max_workers": threads}),
-        ThreadPoolExecutor(max(1, threads)) as pool,
     ):
         shape, dtype = tuple(reader.shape), np.dtype(reader.dtype)
         plan = plan_conversion(
@@ -211,7 +200,7 @@ def convert_session(
         with atomic_output(target) as tmp:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arr = create_trial_array(group, "betas", shape, dtype, settings, AXES)
-            io = ShardIO(arr, Path(tmp), pool)
+            io = ShardIO(arr, Path(tmp))
             if plan.strategy == "in-memory":
                 sums = _write_in_memory(reader, io)
             else:

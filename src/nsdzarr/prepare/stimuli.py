@@ -2,10 +2,8 @@
 
 Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
 a memory budget (straight into the shard buffer when every row of a block is wanted); whole
-shards are checksummed and written on a small thread pool (``convert.ShardIO``: our shard
-writer for raw and zstd chunks, zarr-python for Blosc), then the finished store is read back
-through an independent Zarr reader (``verify.read_blocks``) and every image's CRC32C compared
-with its source row's.
+shards are checksummed and written by zarr-python on a small thread pool, and each is read
+back through an independent Zarr reader (``verify.ReadBack``) and compared with its rows.
 """
 
 from __future__ import annotations
@@ -285,7 +283,6 @@ def convert_stimuli(
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
-            ThreadPoolExecutor(max(1, threads)) as codec_pool,
         ):
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
@@ -293,7 +290,7 @@ def convert_stimuli(
                 arrays[f"images_{s}"] = create_image_array(
                     group, f"images_{s}", (n, s, s, c), settings
                 )
-            ios = {name: ShardIO(arr, Path(tmp), codec_pool) for name, arr in arrays.items()}
+            ios = {name: ShardIO(arr, Path(tmp)) for name, arr in arrays.items()}
             verified_by = reader or default_reader()
             backs = {name: ReadBack(Path(tmp) / name, verified_by) for name in arrays}
             sums = {name: np.zeros(n, np.uint32) for name in arrays}

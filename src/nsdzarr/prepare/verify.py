@@ -1,6 +1,6 @@
 """Lossless checks of finished stores, read back by a Zarr implementation that is not ours.
 
-The stores are written by our own code (``shards.py``) or zarr-python, and the loader reads
+The stores are written by zarr-python, and the loader reads
 them with ``training.zarr_v3``; the check reads every row through tensorstore when it is
 installed (C++, several threads, ~2x a plain file read here), else through zarr-python, so a
 bug shared by our writer and our reader cannot pass. Rows are read in blocks of whole shards
