@@ -110,7 +110,11 @@ def main() -> None:
                 (
                     f"ours, in memory, {codec}-{level} {shuffle}",
                     OURS,
-                    {"SETTINGS": settings, "BUDGET": None, "STRATEGY": "in-memory"},
+                    {
+                        "SETTINGS": settings,
+                        "BUDGET": None,
+                        "STRATEGY": "in-memory",
+                    },
                 )
             )
         for shard in (25, 150):
@@ -119,7 +123,11 @@ def main() -> None:
                 (
                     f"ours, in memory, shard {shard}",
                     OURS,
-                    {"SETTINGS": settings, "BUDGET": None, "STRATEGY": "in-memory"},
+                    {
+                        "SETTINGS": settings,
+                        "BUDGET": None,
+                        "STRATEGY": "in-memory",
+                    },
                 )
             )
     results = []

@@ -22,6 +22,7 @@ from nsdzarr.prepare.convert import convert_session, plane_checksums, verify_sto
 from nsdzarr.prepare.demo import DemoSpec, affine, write_betas_hdf5
 from nsdzarr.prepare.memory import plan_conversion
 from nsdzarr.prepare.storage import StorageSettings
+from nsdzarr.prepare.verify import READERS
 
 
 def demo_session(root: Path, session: int = 1) -> Path:
@@ -86,13 +87,15 @@ def test_codecs_and_shards_round_trip(demo_root: Path, tmp_path: Path, codec: st
         np.testing.assert_array_equal(betas[...], f["betas"][...])
 
 
-def test_verification_catches_a_changed_value(demo_root: Path, tmp_path: Path):
+@pytest.mark.parametrize("reader", READERS)
+def test_verification_catches_a_changed_value(demo_root: Path, tmp_path: Path, reader: str):
     convert_session(demo_session(demo_root), tmp_path / "v.zarr")
     group = zarr.open_group(tmp_path / "v.zarr", mode="r+")
     betas = group["betas"]
     expected = group["plane_checksums"][...]
     assert expected.shape == (750, 16)
-    verify_store(betas, expected, tmp_path / "v.zarr")  # intact: passes
+    array_dir = tmp_path / "v.zarr" / "betas"
+    assert verify_store(array_dir, expected, tmp_path / "v.zarr", reader) == reader  # intact
     np.testing.assert_array_equal(plane_checksums(betas[:50]), expected[:50])
     # the same values moved to another voxel of the plane must be caught too
     plane = betas[200, 8]
@@ -101,7 +104,7 @@ def test_verification_catches_a_changed_value(demo_root: Path, tmp_path: Path):
     with pytest.raises(
         VerificationError, match=r"v\.zarr: store differs from its source at trials \[123, 200\]"
     ):
-        verify_store(betas, expected, tmp_path / "v.zarr")
+        verify_store(array_dir, expected, tmp_path / "v.zarr", reader)
 
 
 @pytest.mark.parametrize(
@@ -154,23 +157,28 @@ def test_killed_conversion_never_leaves_a_complete_looking_store(tmp_path: Path)
         )
 
 
-def test_parallel_shards_match_zarr_and_catch_corruption(demo_root: Path, tmp_path: Path):
-    from concurrent.futures import ThreadPoolExecutor
+@pytest.mark.parametrize("reader", READERS)
+def test_a_shard_damaged_before_the_rename_fails_the_conversion(
+    demo_root: Path, tmp_path: Path, monkeypatch, reader: str
+):
+    from nsdzarr.prepare import convert
 
-    from nsdzarr.prepare import shards
-    from nsdzarr.prepare.convert import ShardIO
+    real = convert.ShardIO.write
 
-    target = tmp_path / "p.zarr"
-    convert_session(demo_session(demo_root), target, threads=2)
-    group = zarr.open_group(target, mode="r")
-    betas = group["betas"]
-    assert shards.handles(betas)  # the default layout is written on all cores
-    with ThreadPoolExecutor(2) as pool:
-        io = ShardIO(betas, target, pool)
-        np.testing.assert_array_equal(io.read(100, 150), betas[100:150])
-        path = shards.shard_path(betas, target, 100)
-        data = bytearray(path.read_bytes())
-        data[len(data) // 3] ^= 0xFF
-        path.write_bytes(bytes(data))
-        with pytest.raises(VerificationError, match=r"trials 100\.\.149|at trials \[1\d\d"):
-            verify_store(betas, group["plane_checksums"][...], target, io)
+    def write(io, t0: int, block: np.ndarray) -> None:  # test seam: damage the real file
+        real(io, t0, block)
+        if t0 == 100:
+            path = Path(io.shard_file(t0))
+            data = bytearray(path.read_bytes())
+            data[len(data) // 3] ^= 0xFF
+            path.write_bytes(bytes(data))
+
+    monkeypatch.setattr(convert.ShardIO, "write", write)
+    monkeypatch.setattr(convert, "default_reader", lambda: reader)
+    other = tmp_path / "q.zarr"
+    with pytest.raises(
+        VerificationError,
+        match=rf"q\.zarr: .*(trials 100\.\.149 unreadable by {reader}|at trials \[1\d\d)",
+    ):
+        convert_session(demo_session(demo_root), other, threads=2)
+    assert not other.exists() and not list(tmp_path.glob(".q.zarr*"))

@@ -12,7 +12,6 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from nsdzarr.errors import InputError
-from nsdzarr.prepare import shards
 from nsdzarr.training.row_reader import ShardRows
 from nsdzarr.training.zarr_v3 import Decoder, parse_layout, read_array
 
@@ -152,28 +151,6 @@ def test_decoder_rejects_wrong_sizes(codec: str, direct: bool, monkeypatch):
         Decoder(codec).into(src, np.empty(99, np.int16))
     with pytest.raises(ValueError):
         Decoder(codec).into(src[:-3], out)
-
-
-def test_converter_shards_read_back_through_the_shared_index_parser(tmp_path: Path):
-    from nsdzarr.prepare.storage import StorageSettings, create_trial_array
-
-    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
-    arr = create_trial_array(
-        group, "betas", (100, 3, 4), np.int16, StorageSettings(), ("t", "z", "y")
-    )
-    block = np.arange(50 * 12, dtype=np.int16).reshape(50, 3, 4)
-    lay = parse_layout(tmp_path / "s.zarr" / "betas")[1]
-    with ThreadPoolExecutor(2) as pool:
-        shards.write_shard(arr, tmp_path / "s.zarr", 50, block, pool)
-        np.testing.assert_array_equal(
-            shards.read_shard(arr, lay, tmp_path / "s.zarr", 50, 50, pool), block
-        )
-        path = shards.shard_path(arr, tmp_path / "s.zarr", 50)
-        raw = bytearray(path.read_bytes())
-        raw[-6] ^= 1
-        path.write_bytes(bytes(raw))
-        with pytest.raises(InputError, match="checksum"):
-            shards.read_shard(arr, lay, tmp_path / "s.zarr", 50, 50, pool)
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(LAYOUTS) if n.endswith("-crc")])

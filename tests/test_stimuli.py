@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -19,6 +20,7 @@ from PIL import Image
 
 from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.prepare import layout
+from nsdzarr.prepare.convert import ShardIO
 from nsdzarr.prepare.demo import demo_stimulus_id, write_demo_stimuli
 from nsdzarr.prepare.estimate import stimuli_estimate, write_stimuli_estimate
 from nsdzarr.prepare.memory import DEFAULT_STIMULI_BUDGET_BYTES, request_mb, stimuli_peak
@@ -29,10 +31,10 @@ from nsdzarr.prepare.stimuli import (
     image_checksums,
     plan_reads,
     stimuli_metadata,
-    verify_images,
 )
 from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage
 from nsdzarr.prepare.trials import write_tsv
+from nsdzarr.prepare.verify import READERS
 
 SMALL = StimuliStorage(images_per_shard=8)
 LAYOUTS = {
@@ -208,25 +210,74 @@ def test_existing_store_is_replaced_and_stale_temporaries_removed(tmp_path: Path
     np.testing.assert_array_equal(open_quietly(store)["nsd_id"][:], [5])
 
 
-def test_verification_names_the_store_and_the_image(tmp_path: Path):
+def corrupt_after_write(monkeypatch, flip: Callable[[Path, int], None]) -> None:
+    """Test seam: after each real shard write (first row ``t0``), ``flip(shard file, t0)``
+    damages the file on disk, before the converter reads it back."""
+    real = ShardIO.write
+
+    def write(io: ShardIO, t0: int, block: np.ndarray) -> None:
+        real(io, t0, block)
+        flip(Path(io.shard_file(t0)), t0)
+
+    monkeypatch.setattr(ShardIO, "write", write)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("codec", ["none", "zstd", "blosc-lz4"])
+def test_verification_reads_back_independently_and_names_the_image(
+    tmp_path: Path, monkeypatch, reader: str, codec: str
+):
     data = source_images(20, 7, 5)
     src = write_brick(tmp_path / "stim.hdf5", data)
     store = tmp_path / "stim.zarr"
-    convert_stimuli(src, store, nsd_ids=np.arange(2, 20), settings=SMALL)
-    sums = {"images": image_checksums(data[2:20])}
+    settings = StimuliStorage(codec=codec, images_per_shard=8)
     ids = np.arange(2, 20)
-    with ThreadPoolExecutor(2) as pool:
-        verify_images(store, sums, ids, pool)  # intact
-        shard = store / "images" / "c" / "1" / "0" / "0" / "0"  # rows 8..15
-        raw = bytearray(shard.read_bytes())
-        raw[3 * (data[0].nbytes + 4) + 10] ^= 0xFF  # row 11 of the store: nsd_id 13
-        shard.write_bytes(bytes(raw))  # (each image followed by its chunk's crc32c)
-        with pytest.raises(VerificationError, match=r"stim\.zarr.*crc32c.*nsd_id 13 \(row 11\)"):
-            verify_images(store, sums, ids, pool)
-        raw[-1] ^= 0xFF  # the shard index checksum
-        shard.write_bytes(bytes(raw))
-        with pytest.raises(VerificationError, match=r"unreadable.*nsd_id 10 \(row 8\)"):
-            verify_images(store, sums, ids, pool)
+    report = convert_stimuli(src, store, nsd_ids=ids, settings=settings, reader=reader)
+    assert report["verified_by"] == reader
+    shutil.rmtree(store)
+
+    def pixel(path: Path, t0: int) -> None:  # row 11 of the store: nsd_id 13
+        if t0 == 8 and path.parts[-6] == "images":
+            flip_byte(path, 3 * (data[0].nbytes + 4) + 10)  # each image + its crc32c
+
+    corrupt_after_write(monkeypatch, pixel if codec == "none" else lambda p, t0: None)
+    if codec == "none":  # the image's crc32c no longer matches: unreadable, named exactly
+        with pytest.raises(
+            VerificationError, match=r"stim\.zarr: .*'images' unreadable.*nsd_id 13 \(row 11\)"
+        ):
+            convert_stimuli(src, store, nsd_ids=ids, settings=settings, reader=reader)
+        assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
+
+    def index(path: Path, t0: int) -> None:  # the shard index checksum of rows 8..15
+        if t0 == 8:
+            flip_byte(path, path.stat().st_size - 1)
+
+    corrupt_after_write(monkeypatch, index)
+    with pytest.raises(VerificationError, match=r"'images' unreadable.*nsd_id 10 \(row 8\)"):
+        convert_stimuli(src, store, nsd_ids=ids, settings=settings, reader=reader)
+    assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
+
+
+def test_a_shard_written_again_after_its_check_fails_the_store(tmp_path: Path, monkeypatch):
+    data = source_images(20, 7, 5)
+    src = write_brick(tmp_path / "stim.hdf5", data)
+    store = tmp_path / "stim.zarr"
+
+    def later(path: Path, t0: int) -> None:  # a later shard's write also touches shard 0
+        if t0 == 16:
+            first = path.parents[3] / "0" / "0" / "0" / "0"
+            first.write_bytes(first.read_bytes())
+
+    corrupt_after_write(monkeypatch, later)
+    with pytest.raises(VerificationError, match=r"c/0/0/0/0 was written again after its check"):
+        convert_stimuli(src, store, settings=SMALL, threads=1)
+    assert not store.exists()
 
 
 def bad_inputs(tmp: Path) -> dict[str, tuple[Path, dict, str]]:
@@ -344,7 +395,7 @@ def test_demo_brick_is_the_full_nsd_range_and_deterministic(tmp_path: Path):
 
 @pytest.mark.slow
 def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
-    n, h, w = 1100, 300, 300  # 297 MB
+    n, h, w = 1400, 300, 300  # 378 MB
     src = tmp_path / "big.hdf5"
     with h5py.File(src, "w") as f:
         d = f.create_dataset("imgBrick", (n, h, w, 3), np.uint8, chunks=(10, h, w, 3))

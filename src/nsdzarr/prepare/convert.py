@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 
 from nsdzarr import __version__
 from nsdzarr.errors import VerificationError
 from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS
-from nsdzarr.prepare import shards
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
@@ -29,6 +27,7 @@ from nsdzarr.prepare.storage import (
     trial_blocks,
 )
 from nsdzarr.prepare.surface import is_surface_source
+from nsdzarr.prepare.verify import crc32c, default_reader, read_blocks
 from nsdzarr.training.zarr_v3 import parse_layout
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def plane_checksums(block: np.ndarray) -> np.ndarray:
     out = np.empty(block.shape[:2], dtype=np.uint32)
     for t in range(block.shape[0]):
         for z in range(block.shape[1]):
-            out[t, z] = google_crc32c.value(block[t, z].tobytes())
+            out[t, z] = crc32c(block[t, z])
     return out
 
 
@@ -84,24 +83,21 @@ def source_attrs(source: Path) -> dict[str, Any]:
 
 
 class ShardIO:
-    """Whole-shard writes and reads of one array: on all cores where ``shards`` handles the
-    layout, through zarr-python otherwise."""
+    """Whole-shard writes of one array through zarr-python (our own shard writer measured no
+    faster: benchmarks/README.md, 2026-12-01)."""
 
-    def __init__(self, arr: zarr.Array, root: Path, pool: ThreadPoolExecutor) -> None:
-        self.arr, self.root, self.pool = arr, root, pool
-        self.fast = shards.handles(arr)
-        self.layout = parse_layout(root / arr.path)[1] if self.fast else None
+    def __init__(self, arr: zarr.Array, root: Path) -> None:
+        self.arr, self.root = arr, root
+        self.layout = parse_layout(root / arr.path)[1]
 
     def write(self, t0: int, block: np.ndarray) -> None:
-        if self.fast:
-            shards.write_shard(self.arr, self.root, t0, block, self.pool)
-        else:
-            self.arr[t0 : t0 + len(block)] = block
+        self.arr[t0 : t0 + len(block)] = block
 
-    def read(self, t0: int, t1: int) -> np.ndarray:
-        if self.fast:
-            return shards.read_shard(self.arr, self.layout, self.root, t0, t1 - t0, self.pool)
-        return self.arr[t0:t1]
+    def shard_file(self, t0: int) -> str:
+        """The file of the shard holding row ``t0``."""
+        if self.layout is None:
+            raise ValueError(f"{self.arr.path}: not a layout our reader knows")
+        return self.layout.key((t0 // self.layout.grid[0],) + (0,) * (self.arr.ndim - 1))
 
 
 def _write_in_memory(reader: SessionReader, io: ShardIO) -> np.ndarray:
@@ -146,21 +142,35 @@ def _write_by_slabs(
 
 
 def verify_store(
-    arr: zarr.Array, expected: np.ndarray, target: Path, io: ShardIO | None = None
-) -> None:
-    """Re-read every shard, compare plane checksums with the source's, raise on a difference."""
+    array_dir: str | os.PathLike[str],
+    expected: np.ndarray,
+    target: str | os.PathLike[str],
+    reader: str | None = None,
+) -> str:
+    """Re-read every shard of the finished array through an independent reader
+    (``verify.read_blocks``: tensorstore, else zarr-python), compare plane checksums with the
+    source's, raise on a difference; returns the reader used."""
+    reader = reader or default_reader()
+    meta = json.loads((Path(array_dir) / "zarr.json").read_text())
+    block = meta["chunk_grid"]["configuration"]["chunk_shape"][0]  # one shard
     bad: list[int] = []
-    for t0, t1 in trial_blocks(arr.shape[0], arr.shards[0]):
+    blocks = read_blocks(array_dir, block, reader)
+    t0 = 0
+    while t0 < len(expected):
         try:
-            got = plane_checksums(io.read(t0, t1) if io else arr[t0:t1])
+            t0, rows = next(blocks)
+            got = plane_checksums(rows)
+        except StopIteration:
+            raise VerificationError(target, f"store ends before trial {t0}") from None
         except Exception as err:  # any codec or index error means the bytes on disk are bad
             raise VerificationError(
-                target, f"shard of trials {t0}..{t1 - 1} unreadable: {err}"
+                target, f"shard of trials {t0}..{t0 + block - 1} unreadable by {reader}: {err}"
             ) from None
-
-        bad += (np.flatnonzero(np.any(got != expected[t0:t1], axis=1)) + t0).tolist()
+        bad += (np.flatnonzero(np.any(got != expected[t0 : t0 + len(rows)], axis=1)) + t0).tolist()
+        t0 += len(rows)
     if bad:
         raise VerificationError(target, f"store differs from its source at trials {bad[:10]}")
+    return reader
 
 
 def convert_session(
@@ -190,7 +200,6 @@ def convert_session(
     with (
         SessionReader(source) as reader,
         zarr.config.set({"threading.max_workers": threads}),
-        ThreadPoolExecutor(max(1, threads)) as pool,
     ):
         shape, dtype = tuple(reader.shape), np.dtype(reader.dtype)
         plan = plan_conversion(
@@ -204,7 +213,7 @@ def convert_session(
         with atomic_output(target) as tmp:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arr = create_trial_array(group, "betas", shape, dtype, settings, AXES)
-            io = ShardIO(arr, Path(tmp), pool)
+            io = ShardIO(arr, Path(tmp))
             if plan.strategy == "in-memory":
                 sums = _write_in_memory(reader, io)
             else:
@@ -212,7 +221,7 @@ def convert_session(
                 # goes with it when the next run removes stale temporaries
                 scratch = scratch_dir or str(tmp)
                 sums = _write_by_slabs(reader, io, plan.planes_per_slab, scratch)
-            verify_store(arr, sums, target, io)
+            verify_store(Path(tmp) / "betas", sums, target)
             group.create_array(
                 "plane_checksums", data=sums, compressors=None, dimension_names=("trial", "z")
             )

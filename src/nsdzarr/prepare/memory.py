@@ -213,6 +213,9 @@ STIMULI_SHARDS_IN_FLIGHT = 2
 # SHARD_WORK_FACTOR), fitted on 2,000 425 x 425 images (benchmarks/stimuli.py): our raw and zstd
 # shard writer copies little; zarr-python (Blosc) holds chunk buffers and the assembled shard.
 STIMULI_SHARD_WORK = {"none": 0.9, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
+# The independent read-back (verify.ReadBack): the reader's library and thread arenas
+# (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
+VERIFY_READER_BYTES = 32 * MB
 
 
 def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None) -> int:
@@ -247,6 +250,8 @@ def stimuli_peak(
         + _stimuli_read_block(shape, n_images, budget_bytes, chunk_rows)
         + 2 * shard  # the shard being filled and one queued
         + int(STIMULI_SHARD_WORK[codec] * STIMULI_SHARDS_IN_FLIGHT * shard)
+        + VERIFY_READER_BYTES
+        + STIMULI_SHARDS_IN_FLIGHT * shard  # each in-flight shard as read back
     )
 
 

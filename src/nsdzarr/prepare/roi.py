@@ -210,7 +210,8 @@ def extract_session(
         mask, betas = read_source_voxels(source, mask_path, labels)
     if reference is not None:
         require_same_grid(mask_path, mask.affine, reference)
-    if is_session_store(source):  # the betas' own grid, as recorded when they were converted
+    volume = isinstance(mask_path, (str, os.PathLike))
+    if volume and is_session_store(source):  # the betas' grid, as recorded at conversion
         recorded = read_json(Path(source) / "zarr.json").get("attributes", {}).get("affine")
         if recorded is not None:
             require_affine(mask_path, mask.affine, np.asarray(recorded), f"{source}'s recorded")

@@ -1,9 +1,9 @@
 """Convert the NSD stimulus brick (``imgBrick``, ``(N, H, W, 3)`` uint8) into a Zarr v3 store.
 
 Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
-a memory budget; whole shards are written on a small thread pool (``convert.ShardIO``: our
-shard writer for raw and zstd chunks, zarr-python for Blosc), then the finished store is read
-back and every image's CRC32C compared with its source row's.
+a memory budget (straight into the shard buffer when every row of a block is wanted); whole
+shards are checksummed and written by zarr-python on a small thread pool, and each is read
+back through an independent Zarr reader (``verify.ReadBack``) and compared with its rows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import h5py
 import numpy as np
 import PIL
@@ -44,8 +43,8 @@ from nsdzarr.prepare.storage import (
     STIMULI_STORAGE,
     StimuliStorage,
     create_image_array,
-    trial_blocks,
 )
+from nsdzarr.prepare.verify import ReadBack, crc32c, default_reader, file_state
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +182,7 @@ def _read_rows(dset: h5py.Dataset, r0: int, r1: int, buf: np.ndarray) -> np.ndar
 
 def image_checksums(block: np.ndarray) -> np.ndarray:
     """CRC32C of each image's bytes (C order) of an ``(n, H, W, 3)`` block."""
-    return np.fromiter(
-        (google_crc32c.value(np.ascontiguousarray(img).tobytes()) for img in block),
-        dtype=np.uint32,
-        count=len(block),
-    )
+    return np.fromiter((crc32c(img) for img in block), dtype=np.uint32, count=len(block))
 
 
 def resize_images(block: np.ndarray, size: int) -> np.ndarray:
@@ -200,51 +195,59 @@ def resize_images(block: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+class _Checked:
+    """One shard of every array, written and read back: checksums of its source rows, the
+    first difference found (array, row in the shard, why), and its files' states."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.bad: tuple[str, int, str] | None = None
+        self.files: dict[str, tuple[int, int, int]] = {}
+        self.seconds = 0.0  # reading back and comparing
+
+
+def _first_unreadable(back: Any, start: int, n: int) -> int:
+    """Offset in the shard of the first image that does not read back (0 if each one does)."""
+    for j in range(n):
+        try:
+            back.rows(start + j, start + j + 1)
+        except Exception:  # the damaged chunk (or the index: then the first image)
+            return j
+    return 0
+
+
 def _write_shard(
-    ios: dict[str, ShardIO], sizes: Sequence[int], start: int, block: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Write one shard's rows to ``images`` and each resized array; return their checksums."""
-    sums = {"images": image_checksums(block)}
-    ios["images"].write(start, block)
+    ios: dict[str, ShardIO],
+    backs: dict[str, ReadBack],
+    sizes: Sequence[int],
+    start: int,
+    block: np.ndarray,
+) -> _Checked:
+    """Write one shard's rows to ``images`` and each resized array, then read each shard back
+    through the independent reader and compare it with the rows written."""
+    done = _Checked()
+    blocks = {"images": block}
     for s in sizes:
-        small = resize_images(block, s)
-        sums[f"images_{s}"] = image_checksums(small)
-        ios[f"images_{s}"].write(start, small)
-    return sums
-
-
-def verify_images(
-    store: str | os.PathLike[str],
-    expected: dict[str, np.ndarray],
-    ids: np.ndarray,
-    pool: ThreadPoolExecutor,
-    target: str | os.PathLike[str] | None = None,
-) -> None:
-    """Re-read every shard of the finished store (zarr_v3's decoder where it reads the layout,
-    zarr-python otherwise) and compare each image's CRC32C; zarr-python re-reads the first and
-    last image of each array, so a store only our reader understands fails too."""
-    store = Path(store)
-    group = zarr.open_group(store, mode="r", zarr_format=3)
-
-    def fail(name: str, row: int, why: str) -> VerificationError:
-        return VerificationError(
-            target or store, f"array {name!r} {why} at nsd_id {int(ids[row])} (row {row})"
-        )
-
-    for name, sums in expected.items():
-        io = ShardIO(group[name], store, pool)  # decodes each shard's chunks on the pool
-        for b0, b1 in trial_blocks(len(sums), io.arr.shards[0]):
-            try:
-                got = image_checksums(io.read(b0, b1))
-            except Exception as err:  # any codec or index error means the bytes on disk are bad
-                raise fail(name, getattr(err, "row", b0), f"unreadable ({err})") from None
-            bad = np.flatnonzero(got != sums[b0:b1])
-            if bad.size:
-                raise fail(name, b0 + int(bad[0]), "differs from its source")
-        arr = group[name]
-        for row in {0, len(sums) - 1}:
-            if image_checksums(arr[row : row + 1])[0] != sums[row]:
-                raise fail(name, row, "reads differently through zarr-python")
+        blocks[f"images_{s}"] = resize_images(block, s)
+    for name, rows in blocks.items():
+        done.sums[name] = image_checksums(rows)
+        ios[name].write(start, rows)
+    t0 = time.perf_counter()
+    for name, rows in blocks.items():
+        path = ios[name].shard_file(start)
+        done.files[path] = file_state(path)  # before the read: any later write changes it
+        try:
+            got = backs[name].rows(start, start + len(rows))
+        except Exception as err:  # any codec or index error means the bytes on disk are bad
+            row = _first_unreadable(backs[name], start, len(rows))
+            done.bad = (name, row, f"unreadable ({type(err).__name__}: {err})")
+            return done
+        if got.shape != rows.shape or not np.array_equal(got, rows):
+            diff = [j for j in range(len(rows)) if not np.array_equal(got[j], rows[j])]
+            done.bad = (name, diff[0] if diff else 0, "differs from its source")
+            return done
+    done.seconds = time.perf_counter() - t0
+    return done
 
 
 def convert_stimuli(
@@ -255,9 +258,14 @@ def convert_stimuli(
     settings: StimuliStorage | None = None,
     budget_bytes: int | None = None,
     threads: int = 2,
+    reader: str | None = None,
 ) -> dict[str, Any]:
     """Write the images ``nsd_ids`` (all rows if None) of ``source`` and their ``sizes`` x
-    ``sizes`` resized copies into the Zarr group ``target``, verified, atomically."""
+    ``sizes`` resized copies into the Zarr group ``target``, verified, atomically.
+
+    Each shard is read back through ``reader`` (``verify.READERS``; None: tensorstore when
+    installed, else zarr-python) once written and compared with its source rows; at the end
+    every shard file must be as it was when checked."""
     t_start = time.perf_counter()
     source, target = Path(source), Path(target)
     settings = settings or STIMULI_STORAGE
@@ -275,14 +283,17 @@ def convert_stimuli(
         max_rows = stimuli_block_rows(row_bytes, chunk_rows, budget)
         gap = 0 if dset.chunks else GAP_BYTES // row_bytes
         reads = plan_reads(ids, n_rows, chunk_rows, max_rows, gap)
-        buf = np.empty((min(max_rows, max(b - a for a, b in reads)), h, w, c), np.uint8)
+        # rows go straight into the shard buffer when a read wants every row of its block and
+        # rows are whole chunks; otherwise through this read buffer (made on first use)
+        direct = chunk_rows == 1
+        buf: np.ndarray | None = None
+        rows: np.ndarray | None = None
         shard_rows = min(settings.images_per_shard, n)
         log.info("converting %d of %d images %dx%d from %s", n, n_rows, h, w, source)
         with (
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
-            ThreadPoolExecutor(max(1, threads)) as codec_pool,
         ):
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
@@ -290,30 +301,55 @@ def convert_stimuli(
                 arrays[f"images_{s}"] = create_image_array(
                     group, f"images_{s}", (n, s, s, c), settings
                 )
-            ios = {name: ShardIO(arr, Path(tmp), codec_pool) for name, arr in arrays.items()}
+            ios = {name: ShardIO(arr, Path(tmp)) for name, arr in arrays.items()}
+            verified_by = reader or default_reader()
+            backs = {name: ReadBack(Path(tmp) / name, verified_by) for name in arrays}
             sums = {name: np.zeros(n, np.uint32) for name in arrays}
-            pending: deque[tuple[int, Future[dict[str, np.ndarray]]]] = deque()
+            files: dict[str, tuple[int, int, int]] = {}
+            pending: deque[tuple[int, Future[_Checked]]] = deque()
+            verify_s = 0.0
 
             def collect(limit: int) -> None:
+                nonlocal verify_s
                 while len(pending) > limit:
                     start, fut = pending.popleft()
-                    for name, got in fut.result().items():
+                    done = fut.result()
+                    if done.bad is not None:
+                        name, row, why = done.bad
+                        raise VerificationError(
+                            target,
+                            f"array {name!r} {why} at nsd_id {int(ids[start + row])} "
+                            f"(row {start + row}), read back by {verified_by}",
+                        )
+                    for name, got in done.sums.items():
                         sums[name][start : start + len(got)] = got
+                    files.update(done.files)
+                    verify_s += done.seconds
 
             shard = np.empty((shard_rows, h, w, c), np.uint8)
             filled = written = 0
             read_s = 0.0
             for r0, r1 in reads:
-                t0 = time.perf_counter()
-                rows = _read_rows(dset, r0, r1, buf)
-                read_s += time.perf_counter() - t0
                 lo, hi = np.searchsorted(ids, [r0, r1])
                 wanted = ids[lo:hi] - r0
+                whole = direct and len(wanted) == r1 - r0
+                if not whole:
+                    if buf is None:
+                        most = max(b - a for a, b in reads)
+                        buf = np.empty((min(max_rows, most), h, w, c), np.uint8)
+                    t0 = time.perf_counter()
+                    rows = _read_rows(dset, r0, r1, buf)
+                    read_s += time.perf_counter() - t0
                 pos = 0
                 while pos < len(wanted):
                     take = min(len(wanted) - pos, shard_rows - filled)
                     sel = wanted[pos : pos + take]
-                    if take and sel[-1] - sel[0] == take - 1:  # a run: one slice copy
+                    if whole:
+                        t0 = time.perf_counter()
+                        a = r0 + pos
+                        _read_rows(dset, a, a + take, shard[filled:])
+                        read_s += time.perf_counter() - t0
+                    elif take and sel[-1] - sel[0] == take - 1:  # a run: one slice copy
                         shard[filled : filled + take] = rows[sel[0] : sel[0] + take]
                     else:
                         shard[filled : filled + take] = rows[sel]
@@ -322,7 +358,7 @@ def convert_stimuli(
                     if filled == shard_rows or written + filled == n:
                         block = shard[:filled]
                         pending.append(
-                            (written, pool.submit(_write_shard, ios, sizes, written, block))
+                            (written, pool.submit(_write_shard, ios, backs, sizes, written, block))
                         )
                         written += filled
                         filled = 0
@@ -330,9 +366,9 @@ def convert_stimuli(
                         collect(STIMULI_SHARDS_IN_FLIGHT)
             del buf, rows, shard
             collect(0)
-            t_write = time.perf_counter()
-            verify_images(tmp, sums, ids, codec_pool, target)
-            verify_s = time.perf_counter() - t_write
+            for path, state in files.items():  # each shard was checked once written
+                if file_state(path) != state:
+                    raise VerificationError(target, f"{path} was written again after its check")
             group.create_array(
                 "nsd_id", data=ids, compressors=None, dimension_names=("image",), chunks=(n,)
             )
@@ -372,8 +408,9 @@ def convert_stimuli(
         "bytes": size,
         "files": files,
         "reads": len(reads),
+        "verify_seconds": round(verify_s, 3),  # summed over the writing threads
         "read_seconds": round(read_s, 3),
-        "verify_seconds": round(verify_s, 3),
+        "verified_by": verified_by,
         "seconds": round(time.perf_counter() - t_start, 3),
         "predicted_peak_bytes": stimuli_peak(
             (n_rows, h, w, c),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,6 @@ def convert_surface_session(
     with (
         open_session(sources) as session,
         zarr.config.set({"threading.max_workers": threads}),
-        ThreadPoolExecutor(max(1, threads)) as pool,
     ):
         peak = session_peak(session, settings.trials_per_shard)
         if memory_budget_bytes is not None and peak > memory_budget_bytes:
@@ -102,9 +100,9 @@ def convert_surface_session(
                 arr = create_trial_array(
                     group, reader.hemisphere, reader.shape, reader.dtype, settings, AXES
                 )
-                io = ShardIO(arr, Path(tmp), pool)
+                io = ShardIO(arr, Path(tmp))
                 sums[reader.hemisphere] = _write_hemisphere(reader, io)
-                verify_store(arr, sums[reader.hemisphere], target, io)
+                verify_store(Path(tmp) / reader.hemisphere, sums[reader.hemisphere], target)
             checks = np.concatenate([sums["lh"], sums["rh"]], axis=1)
             group.create_array(
                 "checksums", data=checks, compressors=None, dimension_names=("trial", "hemisphere")

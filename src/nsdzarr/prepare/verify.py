@@ -1,0 +1,109 @@
+"""Lossless checks of finished stores, read back by a Zarr implementation that is not ours.
+
+The stores are written by zarr-python, and the loader reads
+them with ``training.zarr_v3``; the check reads every row through tensorstore when it is
+installed (C++, several threads, ~2x a plain file read here), else through zarr-python, so a
+bug shared by our writer and our reader cannot pass. Rows are read in blocks of whole shards
+(bounded memory), the next block while the current one is checksummed.
+
+Checksums are CRC32C: through the ``crc32c`` package when installed (SSE4.2, releases the GIL,
+~3x google_crc32c here), else google_crc32c; both give the same values. tensorstore and crc32c
+are the ``verify`` extra.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+try:
+    from crc32c import crc32c as _fast_crc32c
+except ImportError:  # the verify extra is not installed
+    _fast_crc32c = None
+
+READERS = ("tensorstore", "zarr-python")
+
+
+def crc32c(a: np.ndarray, fast: bool = True) -> int:
+    """CRC32C of an array's bytes (C order), without copying a C-contiguous one; ``fast=False``
+    uses google_crc32c (which wants bytes: a ctypes view of the array's memory serves)."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    if fast and _fast_crc32c is not None:
+        return _fast_crc32c(a)
+    return google_crc32c.value((ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
+
+
+def default_reader() -> str:
+    """tensorstore when it imports, else zarr-python."""
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return "zarr-python"
+    return "tensorstore"
+
+
+class ReadBack:
+    """Rows of a finished Zarr v3 array through ``reader`` (one of READERS; None:
+    :func:`default_reader`); ``rows`` may be called from several threads."""
+
+    def __init__(self, array_dir: str | os.PathLike[str], reader: str | None = None) -> None:
+        self.reader = reader or default_reader()
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, got {self.reader!r}")
+        if self.reader == "tensorstore":
+            import tensorstore as ts
+
+            spec: dict[str, Any] = {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(array_dir)},
+            }
+            context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})  # nothing kept
+            self.array: Any = ts.open(spec, read=True, context=context).result()
+        else:
+            import zarr
+
+            self.array = zarr.open_array(Path(array_dir), mode="r", zarr_format=3)
+        self.n_rows = int(self.array.shape[0])
+
+    def start(self, a: int, b: int) -> Any:
+        """Begin reading rows ``[a, b)``; :meth:`finish` gives them."""
+        return self.array[a:b].read() if self.reader == "tensorstore" else (a, b)
+
+    def finish(self, pending: Any) -> np.ndarray:
+        if self.reader == "tensorstore":
+            return pending.result()
+        a, b = pending
+        return self.array[a:b]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` as numpy."""
+        return self.finish(self.start(a, b))
+
+
+def read_blocks(
+    array_dir: str | os.PathLike[str], block_rows: int, reader: str | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_row, rows)`` over the whole array at ``array_dir``, ``block_rows`` at a time
+    (the next block read ahead), through :class:`ReadBack`."""
+    back = ReadBack(array_dir, reader)
+    starts = list(range(0, back.n_rows, block_rows))
+    pending = back.start(0, min(block_rows, back.n_rows)) if starts else None
+    for i, a in enumerate(starts):
+        block = back.finish(pending)
+        if i + 1 < len(starts):
+            b = starts[i + 1]
+            pending = back.start(b, min(b + block_rows, back.n_rows))
+        yield a, block
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """(inode, size, mtime_ns) of a file, to tell later that it was not written again."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
