@@ -16,8 +16,9 @@ DISTRIBUTIONS = {"google_crc32c": "google-crc32c", "yaml": "pyyaml", "PIL": "pil
 # conda-forge packages that provide a distribution without its GUI backends.
 CONDA_ALTERNATIVES = {"matplotlib": {"matplotlib", "matplotlib-base"}}
 # Optional extras: import name -> extra. torch is used by the training loader only
-# (loader.py, batch_transport.py) and is brought by the user with their own CUDA build.
-OPTIONAL = {"torch": "torch"}
+# (loader.py, batch_transport.py) and is brought by the user with their own CUDA build;
+# lightning by training/datamodule.py only.
+OPTIONAL = {"torch": "torch", "lightning": "lightning"}
 # Needed although nothing imports it yet: the image stores decode the NSD stimuli with pillow.
 ALSO_REQUIRED = {"pillow"}
 

@@ -232,6 +232,23 @@ def test_average_repeats_equal_numpy_mean(store: Path, truth: dict, split: str):
     assert torch.equal(in_memory[:]["betas"], batch["betas"])
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_subset_is_those_items_of_the_parent(store: Path, average: bool):
+    full = BetasDataset(store, normalize="psc", average_repeats=average)
+    pick = np.random.default_rng(0).permutation(len(full))[:40]
+    sub = full.subset(pick)
+    assert len(sub) == 40 and sub.nsd_ids.tolist() == full.nsd_ids[pick].tolist()
+    want, got = full[pick.tolist()], sub[:]
+    for key in ("betas", "nsd_id", "trial", "session", "repeat"):
+        assert torch.equal(got[key], want[key]), key
+    assert torch.equal(sub[3]["betas"], full[int(pick[3])]["betas"])
+    assert len(full) > 40  # the parent is untouched
+    loader = DataLoader(sub, batch_size=16, num_workers=2, collate_fn=collate)
+    assert torch.equal(torch.cat([b["betas"] for b in loader]), want["betas"])
+    with pytest.raises(IndexError, match="subset"):
+        full.subset([len(full)])
+
+
 def test_getitems_batch_equals_items_and_both_collates_agree(store: Path):
     ds = BetasDataset(store, normalize="psc")
     idx = np.random.default_rng(0).choice(len(ds), 40, replace=True).tolist()

@@ -52,6 +52,7 @@ also with ``in_memory=True`` (73k full-size images are ~40 GB; the page cache se
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -370,6 +371,25 @@ class BetasDataset(Dataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> BetasDataset:
+        """These items only, in this order: same stores and settings, no open file shared."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and not (-len(self) <= idx.min() and idx.max() < len(self)):
+            raise IndexError(f"subset index out of range for a dataset of {len(self)} items")
+        out = copy.copy(self)
+        out._rt = None
+        out._item_store, out._item_row = self._item_store[idx], self._item_row[idx]
+        if self._group_rows is not None:
+            out._group_rows = self._group_rows[idx]
+        if self._item_image is not None:
+            out._item_image = self._item_image[idx]
+        return out
+
+    @property
+    def nsd_ids(self) -> np.ndarray:
+        """0-based NSD image id of each item."""
+        return self._item_nsd_id()
 
     def close(self) -> None:
         """Close this process's open files (they reopen on the next read)."""
