@@ -535,27 +535,35 @@ class BetasDataset(Dataset):
     def _gather_normalized(
         self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray, out: np.ndarray
     ) -> bool:
-        """In memory, one store: each row cast and normalized straight from memory into
-        ``out`` (one pass over the data instead of a gather, then a cast); False otherwise."""
+        """One store, in memory or raw rows in the page cache (``ShardRows.row_views``): each
+        row cast and normalized straight from there into ``out`` (one pass over the data
+        instead of a gather, then a cast); False otherwise."""
         s = 0 if self._single else int(stores[0])
-        if self._mem[s] is None or not (self._single or (stores == s).all()):
+        if not (self._single or (stores == s).all()):
             return False
-        if rt.mem[s] is None:
-            rt.mem[s] = self._mem[s].numpy()
-        mem, info = rt.mem[s], self.stores[s]
-        pos = self._mem_pos[s][rows].tolist()
+        if self._mem[s] is not None:
+            if rt.mem[s] is None:
+                rt.mem[s] = self._mem[s].numpy()
+            mem = rt.mem[s]
+            src = [mem[p] for p in self._mem_pos[s][rows].tolist()]
+        else:
+            reader = self._reader(rt, s)
+            src = reader.row_views(rows) if isinstance(reader, ShardRows) else None
+            if src is None:
+                return False
+        info = self.stores[s]
         if self.normalize == "none":
-            for j, p in enumerate(pos):
-                out[j] = mem[p]
+            for o, x in zip(out, src, strict=True):
+                np.copyto(o, x, casting="unsafe")
         elif self.normalize == "psc":
             scale = np.float32(info.scale)
-            for j, p in enumerate(pos):
-                np.divide(mem[p], scale, out=out[j], dtype=np.float32)
+            for o, x in zip(out, src, strict=True):
+                np.divide(x, scale, out=o, dtype=np.float32)
         else:
             mean, std = info.mean, info.std
-            for j, (p, q) in enumerate(zip(pos, info.row_session[rows].tolist(), strict=True)):
-                np.subtract(mem[p], mean[q], out=out[j], dtype=np.float32)
-                np.divide(out[j], std[q], out=out[j])
+            for o, x, q in zip(out, src, info.row_session[rows].tolist(), strict=True):
+                np.subtract(x, mean[q], out=o, dtype=np.float32)
+                np.divide(o, std[q], out=o)
         return True
 
     def _normalize(
