@@ -364,6 +364,8 @@ def main() -> None:
     ds_t2 = BetasDataset(store, split="all", decode_threads=2)
     ds_lz4 = BetasDataset(lz4_store, split="all")
     ds_raw = BetasDataset(raw_store, split="all")
+    ds_raw_pread = BetasDataset(raw_store, split="all")  # A/B: preadv, not the mapped files
+    ds_raw_pread._reader(ds_raw_pread._runtime(), 0).row_views = lambda rows: None
     ds_raw_mem = BetasDataset(raw_store, split="all", in_memory=True)
     ds_raw_z = BetasDataset(raw_store, split="all", normalize="session_zscore")
     ds_z = BetasDataset(store, split="all", normalize="session_zscore")
@@ -373,6 +375,7 @@ def main() -> None:
     z = zarr.open_array(store / "betas", mode="r")
     h5 = h5py.File(h5path, "r")["betas"]
     ram = ds_mem._mem[0].numpy()  # the same int16 array, for numpy fancy indexing
+    ram32 = ram.astype(np.float32)  # what a float32 batch costs numpy to gather (our output)
     default_store = {"none": raw_store, "blosc-lz4": lz4_store, "zstd": store}[ROI_STORAGE.codec]
     try:
         import tensorstore as ts
@@ -462,6 +465,10 @@ def main() -> None:
             lambda k: ds_raw[int(singles[k])]["betas"],
             lambda k: collate(ds_raw.__getitems__(batches[k]))["betas"],
         ),
+        "ours, disk, raw store, preadv (no mapping)": (
+            None,
+            lambda k: collate(ds_raw_pread.__getitems__(batches[k]))["betas"],
+        ),
         "ours, disk, raw store, session_zscore": (
             None,
             lambda k: collate(ds_raw_z.__getitems__(batches[k]))["betas"],
@@ -481,6 +488,7 @@ def main() -> None:
             lambda k: ram[int(singles[k])].copy(),
             lambda k: ram[batches[k]],
         ),
+        "numpy fancy index in RAM (float32 copy)": (None, lambda k: ram32[batches[k]]),
     }
     for name, tstore in tstores.items():
         methods[f"tensorstore {ts_version}, {name} store ({codec_of[name]})"] = (
@@ -494,7 +502,7 @@ def main() -> None:
     ref = z.oindex[batches[0], :]
     assert np.array_equal(collate(ds.__getitems__(batches[0]))["betas"].numpy(), ref)
     assert np.array_equal(collate(ds_mem.__getitems__(batches[0]))["betas"].numpy(), ref)
-    for d in (ds_raw, ds_raw_mem, ds_lz4):
+    for d in (ds_raw, ds_raw_pread, ds_raw_mem, ds_lz4):
         assert np.array_equal(collate(d.__getitems__(batches[0]))["betas"].numpy(), ref)
     zr = collate(ds_raw_z.__getitems__(batches[0]))["betas"].numpy()
     assert np.array_equal(zr, collate(ds_z.__getitems__(batches[0]))["betas"].numpy())

@@ -16,9 +16,15 @@ DISTRIBUTIONS = {"google_crc32c": "google-crc32c", "yaml": "pyyaml", "PIL": "pil
 # conda-forge packages that provide a distribution without its GUI backends.
 CONDA_ALTERNATIVES = {"matplotlib": {"matplotlib", "matplotlib-base"}}
 # Optional extras: import name -> extra. torch is used by the training loader only
-# (loader.py, batch_transport.py) and is brought by the user with their own CUDA build.
-# tensorstore and crc32c speed up the lossless checks (verify.py) and have fallbacks.
-OPTIONAL = {"torch": "torch", "tensorstore": "verify", "crc32c": "verify"}
+# (loader.py, batch_transport.py) and is brought by the user with their own CUDA build;
+# lightning by training/datamodule.py only. tensorstore and crc32c speed up the lossless checks
+# (verify.py) and have fallbacks.
+OPTIONAL = {
+    "torch": "torch",
+    "lightning": "lightning",
+    "tensorstore": "verify",
+    "crc32c": "verify",
+}
 # Needed although nothing imports it yet: the image stores decode the NSD stimuli with pillow.
 ALSO_REQUIRED = {"pillow"}
 

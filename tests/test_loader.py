@@ -37,6 +37,7 @@ from nsdzarr.prepare.storage import (
 from nsdzarr.prepare.trials import write_trial_tables
 from nsdzarr.training import loader as loader_module
 from nsdzarr.training.loader import NORMALIZE, BetasDataset, collate, parse_layout
+from nsdzarr.training.row_reader import ShardRows
 
 SPEC = demo.DemoSpec(subjects=("subj01", "subj02"))
 DEFAULT = StorageSettings()
@@ -232,6 +233,23 @@ def test_average_repeats_equal_numpy_mean(store: Path, truth: dict, split: str):
     assert torch.equal(in_memory[:]["betas"], batch["betas"])
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_subset_is_those_items_of_the_parent(store: Path, average: bool):
+    full = BetasDataset(store, normalize="psc", average_repeats=average)
+    pick = np.random.default_rng(0).permutation(len(full))[:40]
+    sub = full.subset(pick)
+    assert len(sub) == 40 and sub.nsd_ids.tolist() == full.nsd_ids[pick].tolist()
+    want, got = full[pick.tolist()], sub[:]
+    for key in ("betas", "nsd_id", "trial", "session", "repeat"):
+        assert torch.equal(got[key], want[key]), key
+    assert torch.equal(sub[3]["betas"], full[int(pick[3])]["betas"])
+    assert len(full) > 40  # the parent is untouched
+    loader = DataLoader(sub, batch_size=16, num_workers=2, collate_fn=collate)
+    assert torch.equal(torch.cat([b["betas"] for b in loader]), want["betas"])
+    with pytest.raises(IndexError, match="subset"):
+        full.subset([len(full)])
+
+
 def test_getitems_batch_equals_items_and_both_collates_agree(store: Path):
     ds = BetasDataset(store, normalize="psc")
     idx = np.random.default_rng(0).choice(len(ds), 40, replace=True).tolist()
@@ -260,6 +278,29 @@ def record_pid(folder: str, worker_id: int) -> None:
 def epoch(loader: DataLoader) -> dict:
     batches = list(loader)
     return {k: torch.cat([b[k] for b in batches]) for k in ("betas", "trial")}
+
+
+def raw_copy(store: Path, truth: dict) -> Path:
+    """The test store with the ROI default codec (raw rows: read through mapped files)."""
+    raw = store.parent / "raw.zarr"
+    if not raw.exists():
+        rewrite_betas(store, raw, truth["betas"], compressors=zarr_compressor(roi_settings(), 2))
+    return raw
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_raw_store_through_workers_after_the_parent_mapped_it(
+    store: Path, truth: dict, context: str
+):
+    raw = raw_copy(store, truth)
+    ds = BetasDataset(raw, split="all", normalize="psc")
+    ds[[0, 900]]  # the parent maps two shard files; forked workers drop their copies
+    assert mapped_files(raw) == 2
+    fast = epoch(ds.dataloader(batch_size=32, num_workers=2, multiprocessing_context=context))
+    np.testing.assert_array_equal(fast["betas"].numpy(), reference(truth, "psc"))
+    np.testing.assert_array_equal(fast["trial"].numpy(), truth["trial"])
+    ds.close()
+    assert mapped_files(raw) == 0
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
@@ -575,3 +616,41 @@ def test_missing_and_corrupt_stores_give_one_line_errors(store: Path, tmp_path: 
     with pytest.raises(InputError) as e:
         BetasDataset(bad, trials=tsv)
     assert "missing" in one_line_error(e, shard)
+
+
+def mapped_files(folder: Path) -> int:
+    """Mappings of files under ``folder`` in this process (each a shard file)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return len({line.split()[-1] for line in lines if str(folder.resolve()) in line})
+
+
+def test_raw_rows_read_from_bounded_mappings(store: Path, truth: dict, tmp_path: Path):
+    """Raw stores (the default) are read through mapped shard files: batches equal the store,
+    at most ``max_open_files`` files are mapped or open, close() unmaps them all, and a chunk
+    of the wrong size falls back to the checked read (a one-line error naming the file)."""
+    assert ROI_STORAGE.codec == "none" and ShardRows.row_views  # the default takes this path
+    store = raw_copy(store, truth)
+    ref = reference(truth, "psc")
+    ds = BetasDataset(store, split="all", normalize="psc", max_open_files=3)
+    idx = np.random.default_rng(5).permutation(len(ref))[:160]
+    for part in np.array_split(idx, 8):
+        got = ds.__getitems__(part.tolist()).collated["betas"].numpy()
+        np.testing.assert_array_equal(got, ref[part])
+        reader = ds._rt.readers[0]
+        assert len(reader.maps) > 0  # read through mappings, not preadv
+        assert len(reader.maps) + len(reader.fds) <= 3
+        assert mapped_files(store) <= 3 and open_files(store)[0] <= 3
+    ds.close()
+    assert mapped_files(store) == 0 and open_files(store)[0] == 0
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(store, bad)
+    shard = bad / "betas" / "c" / "2" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3] + data[-(len(data) // 3) :])  # chunks gone, index kept
+    ds = BetasDataset(bad, split="all", trials=store.parent.parent / "trials.tsv")
+    assert ds.stores[0].layout.codec is None
+    np.testing.assert_array_equal(ds[[0, 1]]["betas"].numpy(), reference(truth, "none")[:2])
+    with pytest.raises(InputError) as e:
+        ds[[1, 2 * 50 + 40]]
+    assert "corrupt" in one_line_error(e, shard)

@@ -1,7 +1,7 @@
 """Reading prepared stores in training: datasets, samplers, numpy readers (no h5py, no Snakemake).
 
-`BetasDataset`, `TrialBatchSampler` and `collate` need torch; `RoiReader` and `ImageReader` need
-only numpy, so names are imported on first use.
+`BetasDataset`, `TrialBatchSampler` and `collate` need torch; `NSDDataModule` also lightning;
+`RoiReader` and `ImageReader` need only numpy, so names are imported on first use.
 """
 
 from importlib import import_module
@@ -14,6 +14,7 @@ _HOMES = {
     "TrialBatchSampler": "sampler",
     "RoiReader": "readers",
     "ImageReader": "readers",
+    "NSDDataModule": "datamodule",
 }
 __all__ = sorted(_HOMES)
 

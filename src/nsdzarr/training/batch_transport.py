@@ -141,9 +141,7 @@ def _map_pool(key: tuple[int, int, int]) -> Any:
     mm = _MAPPED.get(key)
     if mm is not None:
         return mm
-    for old in [k for k in _MAPPED if not os.path.exists(f"/proc/{k[0]}")]:
-        with contextlib.suppress(BufferError):
-            _MAPPED.pop(old).close()
+    release_exited_pools()
     pid, fd, token = key
     try:
         f = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
@@ -161,6 +159,14 @@ def _map_pool(key: tuple[int, int, int]) -> Any:
         raise RuntimeError(f"batch buffer of DataLoader worker {pid} is gone")
     _MAPPED[key] = mm
     return mm
+
+
+def release_exited_pools() -> None:
+    """Main process: drop the mappings (each holds an fd) of exited workers' pools; one that
+    batches still use closes when the last of them is collected."""
+    for old in [k for k in _MAPPED if not os.path.exists(f"/proc/{k[0]}")]:
+        with contextlib.suppress(BufferError):  # else unmapped once its last batch is freed
+            _MAPPED.pop(old).close()
 
 
 def _free_slot(mm: Any, slot: int) -> None:

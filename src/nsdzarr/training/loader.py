@@ -52,6 +52,7 @@ also with ``in_memory=True`` (73k full-size images are ~40 GB; the page cache se
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -375,6 +376,25 @@ class BetasDataset(Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> BetasDataset:
+        """These items only, in this order: same stores and settings, no open file shared."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and not (-len(self) <= idx.min() and idx.max() < len(self)):
+            raise IndexError(f"subset index out of range for a dataset of {len(self)} items")
+        out = copy.copy(self)
+        out._rt = None
+        out._item_store, out._item_row = self._item_store[idx], self._item_row[idx]
+        if self._group_rows is not None:
+            out._group_rows = self._group_rows[idx]
+        if self._item_image is not None:
+            out._item_image = self._item_image[idx]
+        return out
+
+    @property
+    def nsd_ids(self) -> np.ndarray:
+        """0-based NSD image id of each item."""
+        return self._item_nsd_id()
+
     def close(self) -> None:
         """Close this process's open files (they reopen on the next read)."""
         if self._rt is not None and self._rt.pid == os.getpid():
@@ -519,27 +539,35 @@ class BetasDataset(Dataset):
     def _gather_normalized(
         self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray, out: np.ndarray
     ) -> bool:
-        """In memory, one store: each row cast and normalized straight from memory into
-        ``out`` (one pass over the data instead of a gather, then a cast); False otherwise."""
+        """One store, in memory or raw rows in the page cache (``ShardRows.row_views``): each
+        row cast and normalized straight from there into ``out`` (one pass over the data
+        instead of a gather, then a cast); False otherwise."""
         s = 0 if self._single else int(stores[0])
-        if self._mem[s] is None or not (self._single or (stores == s).all()):
+        if not (self._single or (stores == s).all()):
             return False
-        if rt.mem[s] is None:
-            rt.mem[s] = self._mem[s].numpy()
-        mem, info = rt.mem[s], self.stores[s]
-        pos = self._mem_pos[s][rows].tolist()
+        if self._mem[s] is not None:
+            if rt.mem[s] is None:
+                rt.mem[s] = self._mem[s].numpy()
+            mem = rt.mem[s]
+            src = [mem[p] for p in self._mem_pos[s][rows].tolist()]
+        else:
+            reader = self._reader(rt, s)
+            src = reader.row_views(rows) if isinstance(reader, ShardRows) else None
+            if src is None:
+                return False
+        info = self.stores[s]
         if self.normalize == "none":
-            for j, p in enumerate(pos):
-                out[j] = mem[p]
+            for o, x in zip(out, src, strict=True):
+                np.copyto(o, x, casting="unsafe")
         elif self.normalize == "psc":
             scale = np.float32(info.scale)
-            for j, p in enumerate(pos):
-                np.divide(mem[p], scale, out=out[j], dtype=np.float32)
+            for o, x in zip(out, src, strict=True):
+                np.divide(x, scale, out=o, dtype=np.float32)
         else:
             mean, std = info.mean, info.std
-            for j, (p, q) in enumerate(zip(pos, info.row_session[rows].tolist(), strict=True)):
-                np.subtract(mem[p], mean[q], out=out[j], dtype=np.float32)
-                np.divide(out[j], std[q], out=out[j])
+            for o, x, q in zip(out, src, info.row_session[rows].tolist(), strict=True):
+                np.subtract(x, mean[q], out=o, dtype=np.float32)
+                np.divide(o, std[q], out=o)
         return True
 
     def _normalize(

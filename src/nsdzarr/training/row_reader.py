@@ -13,6 +13,7 @@ Chunks that end with a crc32c (storage.chunk_codecs) are checked before they are
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -53,6 +54,7 @@ class ShardRows:
         self.offset = np.zeros((n_obj, layout.n_inner), dtype=np.int64)
         self.nbytes = np.zeros((n_obj, layout.n_inner), dtype=np.int64)  # -1: empty chunk
         self.loaded = np.zeros(n_obj, dtype=bool)
+        self.maps: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()  # raw: mapped files
         self._local = threading.local()
         self._main_decoder = Decoder(layout.codec, layout.chunk_crc, verify)
 
@@ -73,15 +75,27 @@ class ShardRows:
         return fd
 
     def trim(self) -> None:
-        """Close the least recently used files beyond the bound (a batch may hold more)."""
+        """Close the least recently used files beyond the bound (a batch may hold more); a
+        mapped file counts as one (the mapping holds its own fd)."""
+        while self.maps and len(self.fds) + len(self.maps) > self.max_open:
+            self._unmap(self.maps.popitem(last=False)[1])
         while len(self.fds) > self.max_open:
             os.close(self.fds.popitem(last=False)[1])
 
     def close(self) -> None:
-        """Close every fd (in the process that opened them)."""
+        """Close every fd and mapping (in the process that opened them)."""
+        while self.maps:
+            self._unmap(self.maps.popitem()[1])
         while self.fds:
             with contextlib.suppress(OSError):
                 os.close(self.fds.popitem()[1])
+
+    @staticmethod
+    def _unmap(entry: tuple[Any, np.ndarray]) -> None:
+        mm, arr = entry
+        del arr
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped when collected
+            mm.close()
 
     def forget(self) -> None:
         """In a forked child: close the inherited copies, drop the cached indexes."""
@@ -118,6 +132,56 @@ class ShardRows:
                 self.layout.codec, self.layout.chunk_crc, self.verify
             )
         return dec
+
+    def row_views(self, rows: np.ndarray) -> list[np.ndarray] | None:
+        """Read-only views of the rows in the page cache (raw one-row chunks, the ROI default),
+        through mappings of the shard files kept like fds: the caller casts each row straight
+        into its batch, with no syscall and no copy in between. None when the layout or a
+        chunk (empty, damaged) needs :meth:`read_rows`, which reports damage.
+
+        The views are valid until the next call; a shard file truncated in place while mapped
+        would raise SIGBUS (stores are replaced by renaming, which this never sees)."""
+        lay = self.layout
+        if lay.codec is not None or lay.inner[0] != 1 or not len(rows):
+            return None
+        if lay.chunk_crc and self.verify:  # checked rows go through read_rows
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        obj, chunk = np.divmod(rows, lay.grid[0])
+        if not self.loaded[obj].all():
+            for o in np.unique(obj[~self.loaded[obj]]).tolist():
+                self.load_index(o)
+        row_shape, n = lay.shape[1:], lay.dtype.itemsize * int(np.prod(lay.shape[1:]))
+        off, nb = self.offset[obj, chunk], self.nbytes[obj, chunk]
+        if (nb != n + (4 if lay.chunk_crc else 0)).any():  # each raw row, then its crc32c
+            return None
+        views, maps, dtype = [], self.maps, lay.dtype
+        for o, f in zip(obj.tolist(), off.tolist(), strict=True):
+            entry = maps.get(o)
+            if entry is None:
+                entry = self._map(o)
+                if entry is None:
+                    return None
+            else:
+                maps.move_to_end(o)
+            m = entry[1]
+            if f + n > len(m):
+                return None
+            views.append(m[f : f + n].view(dtype).reshape(row_shape))
+        self.trim()
+        return views
+
+    def _map(self, obj: int) -> tuple[Any, np.ndarray] | None:
+        fd = self.fd(obj)
+        if fd is None or os.fstat(fd).st_size == 0:
+            return None
+        # mapped whole at once (one kernel call, not a page fault per 4 KiB on first touch);
+        # the mapping holds its own dup of the fd
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
+        os.close(self.fds.pop(obj))
+        entry = self.maps[obj] = (mm, np.frombuffer(mm, np.uint8))
+        return entry
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray, executor: Any = None) -> None:
         """``out[j] = array[rows[j]]`` (``out`` C-contiguous, the array's dtype)."""
