@@ -31,6 +31,7 @@ from nsdzarr.prepare.roi import load_roi_mask, roi_attrs, roi_settings, session_
 from nsdzarr.prepare.storage import (
     ROI_STORAGE,
     StorageSettings,
+    chunk_codecs,
     create_trial_array,
     zarr_compressor,
 )
@@ -284,7 +285,7 @@ def raw_copy(store: Path, truth: dict) -> Path:
     """The test store with the ROI default codec (raw rows: read through mapped files)."""
     raw = store.parent / "raw.zarr"
     if not raw.exists():
-        rewrite_betas(store, raw, truth["betas"], compressors=zarr_compressor(roi_settings(), 2))
+        rewrite_betas(store, raw, truth["betas"], compressors=chunk_codecs(roi_settings(), 2))
     return raw
 
 
@@ -534,7 +535,7 @@ def test_raw_store_default_disk_and_memory(store: Path, truth: dict, normalize: 
     raw = store.parent / "raw.zarr"
     if not raw.exists():
         rewrite_betas(
-            store, raw, truth["betas"], compressors=zarr_compressor(roi_settings(), 2)
+            store, raw, truth["betas"], compressors=chunk_codecs(roi_settings(), 2)
         )  # fmt: skip
     ref = reference(truth, normalize)
     idx = np.random.default_rng(3).integers(0, len(ref), 200)
