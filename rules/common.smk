@@ -24,7 +24,7 @@ except ModuleNotFoundError as err:
     ) from None
 
 # `--sdm conda`: envs/nsdzarr.post-deploy.sh installs this checkout into the rules' env.
-os.environ["NSDZARR_WORKFLOW_DIR"] = str(RULES_DIR.parent)
+os.environ.update(NSDZARR_WORKFLOW_DIR=str(RULES_DIR.parent))
 
 # Only light modules here: every Snakemake process, also the one inside each SLURM job,
 # imports them, and their memory counts against the job's request.

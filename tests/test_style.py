@@ -1,4 +1,4 @@
-"""Style gates that CI enforces: ruff for Python, snakefmt for the workflow files."""
+"""Style gates CI enforces: ruff for Python, snakefmt and `snakemake --lint` for the workflow."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def test_snakefmt_is_clean():
         ["snakefmt", "--check", *SNAKE_FILES], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakemake_lint_is_clean():
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
