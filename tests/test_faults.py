@@ -57,6 +57,7 @@ needs_root = pytest.mark.skipif(not AS_ROOT, reason="mounting a small filesystem
 SESSIONS = [f"results/subj01/betas/session{s:02d}.zarr" for s in (1, 2, 3)]
 NSDGENERAL = "results/subj01/roi/nsdgeneral.zarr"
 STIMULI = "results/stimuli/images.zarr"
+STIMULI_ESTIMATE = "results/stimuli/estimate.json"
 # The capabilities that let root read and write whatever the permission bits say.
 NO_DAC = "-dac_override,-dac_read_search"
 
@@ -73,6 +74,11 @@ def small_filesystem(folder: Path, size_kb: int) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", folder], check=True)
+
+
+def tmpfs_kb(files: list[Path]) -> int:
+    """KiB a tmpfs charges for ``files``: whole 4 KiB pages per file."""
+    return sum(-(-f.stat().st_size // 4096) * 4 for f in files)
 
 
 def grow(folder: Path, size_kb: int) -> None:
@@ -209,9 +215,13 @@ def tree_files(folder: Path) -> dict[str, str]:
 def test_disk_full_writing_the_stimulus_store(demo_run: Path, tmp_path: Path):
     config = link_demo_release(tmp_path, demo_run)
     want = tree_files(demo_run / STIMULI)
-    store_kb = sum(f.stat().st_size for f in (demo_run / STIMULI).rglob("*") if f.is_file()) >> 10
-    # the trial tables and the estimate fit, then half of the image store
-    with small_filesystem(tmp_path / "results", 600 + store_kb // 2) as results:
+    before = [demo_run / "results" / "subj01" / n for n in ("trials.tsv", "trials.json")]
+    before += [demo_run / "results" / "subj01" / "images.tsv", demo_run / STIMULI_ESTIMATE]
+    store = [f for f in (demo_run / STIMULI).rglob("*") if f.is_file()]
+    # the trial tables and the estimate fit, then half of the image store (tmpfs pages)
+    with small_filesystem(
+        tmp_path / "results", tmpfs_kb(before) + 64 + tmpfs_kb(store) // 2
+    ) as results:
         proc = workflow(tmp_path, config, STIMULI, cores=1)
         out = output_of(proc)
         assert proc.returncode != 0, out[-3000:]

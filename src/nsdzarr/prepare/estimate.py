@@ -212,8 +212,12 @@ def write_session_estimate(
 
 
 def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None) -> int:
-    """Voxels an ROI selects: the ROI job's own selection (:func:`roi.load_roi_mask`)."""
-    return len(load_roi_mask(mask_path, labels).voxels)
+    """Voxels an ROI selects (the ROI job's own :func:`roi.load_roi_mask`); 0 for an atlas that
+    job will refuse, so one bad atlas fails its own ROI job, not every session's estimate."""
+    try:
+        return len(load_roi_mask(mask_path, labels).voxels)
+    except InputError:
+        return 0
 
 
 def stimuli_estimate(
