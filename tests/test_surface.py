@@ -230,8 +230,9 @@ def test_estimate_predicts_the_jobs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_workflow_fsaverage_demo(tmp_path: Path) -> None:
-    """The demo with ``space: fsaverage``: session and ROI stores equal nibabel's reads."""
+@pytest.mark.parametrize("space", ["fsaverage", "nativesurface"])
+def test_workflow_surface_demo(tmp_path: Path, space: str) -> None:
+    """The demo in a surface space: session and ROI stores equal nibabel's / h5py's reads."""
     from nsdzarr.training import BetasDataset
 
     config = {
@@ -239,17 +240,17 @@ def test_workflow_fsaverage_demo(tmp_path: Path) -> None:
         "demo": True,
         "subjects": ["subj01"],
         "sessions": [1, 2],
-        "space": "fsaverage",
+        "space": space,
         "rois": {"V1": {"file": "prf-visualrois.mgz", "labels": [1, 2]}},
         "stimuli": {"enabled": False},
     }
     run_snakemake(tmp_path, config=config)
     root = tmp_path / "resources" / "demo_nsd"
-    labels = layout.surface_label_paths(root, "subj01", "fsaverage", "prf-visualrois.mgz")
+    labels = layout.surface_label_paths(root, "subj01", space, "prf-visualrois.mgz")
     masks = [np.isin(np.asarray(nib.load(p).dataobj).reshape(-1), [1, 2]) for p in labels]
     want = []
     for s in (1, 2):
-        paths = layout.surface_betas_paths(root, "subj01", "fsaverage", VERSION, s)
+        paths = layout.surface_betas_paths(root, "subj01", space, VERSION, s)
         group = zarr.open_group(tmp_path / f"results/subj01/betas/session{s:02d}.zarr", mode="r")
         for hemi, path in zip(("lh", "rh"), paths, strict=True):
             assert np.array_equal(group[hemi][...], source_rows(path))
