@@ -29,7 +29,8 @@ from nsdzarr.prepare.memory import (
     stimuli_peak,
     stimuli_read_budget,
 )
-from nsdzarr.prepare.roi import is_session_store, load_roi_mask, roi_settings
+from nsdzarr.prepare.nifti import load_nifti
+from nsdzarr.prepare.roi import is_session_store, roi_settings
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
 from nsdzarr.prepare.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import (
@@ -212,12 +213,10 @@ def write_session_estimate(
 
 
 def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None) -> int:
-    """Voxels an ROI selects (the ROI job's own :func:`roi.load_roi_mask`); 0 for an atlas that
-    job will refuse, so one bad atlas fails its own ROI job, not every session's estimate."""
-    try:
-        return len(load_roi_mask(mask_path, labels).voxels)
-    except InputError:
-        return 0
+    """Voxels an ROI selects, counted leniently: an unreadable atlas fails here, a selection the
+    ROI job will refuse (shape, labels, empty) fails that job alone, not every estimate."""
+    values = np.asarray(load_nifti(mask_path).dataobj)
+    return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())
 
 
 def stimuli_estimate(
