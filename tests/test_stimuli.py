@@ -402,25 +402,32 @@ def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
         for s in range(0, n, 100):
             d[s : s + 100] = source_images(100, h, w, seed=s)
     budget, per_shard = 32 << 20, 16
-    code = f"""
+
+    def peak_converting(count: int) -> int:
+        code = f"""
 import json
 from nsdzarr.prepare.stimuli import convert_stimuli
 from nsdzarr.prepare.storage import StimuliStorage
-r = convert_stimuli({str(src)!r}, {str(tmp_path / "big.zarr")!r}, sizes=(64,),
-                    settings=StimuliStorage(images_per_shard={per_shard}), budget_bytes={budget})
+r = convert_stimuli({str(src)!r}, {str(tmp_path / f"big{count}.zarr")!r}, range({count}),
+                    sizes=(64,), settings=StimuliStorage(images_per_shard={per_shard}),
+                    budget_bytes={budget})
 # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into ru_maxrss
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps([r["n_images"], int(hwm.split()[1]) * 1024]))
 """
-    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    n_done, peak = json.loads(out.stdout.splitlines()[-1])
-    assert n_done == n
-    brick = n * h * w * 3
-    predicted = stimuli_peak((n, h, w, 3), n, per_shard, (64,), budget, 10)
-    assert peak < 0.6 * brick, (peak, brick)
-    assert peak <= predicted, (peak, predicted)
+        env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        n_done, peak = json.loads(out.stdout.splitlines()[-1])
+        assert n_done == count
+        assert peak <= stimuli_peak((n, h, w, 3), count, per_shard, (64,), budget, 10), peak
+        return peak
+
+    # Converting twice the images (189 MB more) costs at most a few MB more: the peak is the
+    # budget and the shards in flight, never the brick. (A fixed import baseline of ~90-130 MB
+    # depending on the libraries installed makes a single peak-vs-brick ratio meaningless.)
+    half, full = peak_converting(n // 2), peak_converting(n)
+    assert full - half < 0.05 * (n // 2) * h * w * 3, (half, full)
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
