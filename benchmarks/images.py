@@ -170,7 +170,7 @@ def build_betas(data: Path, sessions: int, n_images: int) -> None:
 
     from nsdzarr.prepare.atomic import atomic_output
     from nsdzarr.prepare.demo import make_design
-    from nsdzarr.prepare.roi import roi_settings
+    from nsdzarr.prepare.storage import roi_settings
     from nsdzarr.prepare.trials import write_trial_tables
 
     subj = data / "subj01"

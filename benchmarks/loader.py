@@ -86,8 +86,7 @@ def build(data: Path) -> None:
     import scipy.io
 
     from nsdzarr.prepare.demo import make_design
-    from nsdzarr.prepare.roi import roi_settings
-    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.storage import StorageSettings, roi_settings
     from nsdzarr.prepare.trials import write_trial_tables
 
     subj = data / "subj01"
@@ -116,8 +115,7 @@ def build_copy(data: Path, name: str, codec: str, level: int = 5) -> Path:
     """The same betas re-encoded as ``codec`` (shuffle), beside the zstd store."""
     import zarr
 
-    from nsdzarr.prepare.roi import roi_settings
-    from nsdzarr.prepare.storage import StorageSettings, create_trial_array
+    from nsdzarr.prepare.storage import StorageSettings, create_trial_array, roi_settings
 
     roi = data / "subj01" / "roi"
     target = roi / name
@@ -266,8 +264,7 @@ def checksum_cost(data: Path, rounds: int, seconds: float) -> None:
     import scipy.io
 
     from nsdzarr.prepare.demo import make_design
-    from nsdzarr.prepare.roi import roi_settings
-    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.storage import StorageSettings, roi_settings
     from nsdzarr.prepare.trials import write_trial_tables
     from nsdzarr.training.loader import BetasDataset, collate
 
@@ -571,8 +568,7 @@ def fallback_rates(data: Path, rounds: int, seconds: float) -> None:
     from torch.utils.data import DataLoader, RandomSampler
 
     from nsdzarr.prepare.demo import make_design
-    from nsdzarr.prepare.roi import roi_settings
-    from nsdzarr.prepare.storage import StorageSettings
+    from nsdzarr.prepare.storage import StorageSettings, roi_settings
     from nsdzarr.prepare.trials import write_trial_tables
     from nsdzarr.training import fallbacks
     from nsdzarr.training.loader import BetasDataset, collate

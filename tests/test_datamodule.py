@@ -19,8 +19,7 @@ import torch
 import zarr
 from test_loader import build_store, read_tsv
 
-from nsdzarr.prepare.roi import roi_settings
-from nsdzarr.prepare.storage import StorageSettings, create_trial_array
+from nsdzarr.prepare.storage import StorageSettings, create_trial_array, roi_settings
 from nsdzarr.training.datamodule import NSDDataModule, split_by_image
 from nsdzarr.training.loader import BetasDataset
 

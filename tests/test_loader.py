@@ -27,12 +27,13 @@ from zarr.codecs import GzipCodec
 
 from nsdzarr.errors import InputError
 from nsdzarr.prepare import demo, layout
-from nsdzarr.prepare.roi import load_roi_mask, roi_attrs, roi_settings, session_stats
+from nsdzarr.prepare.roi import load_roi_mask, roi_attrs, session_stats
 from nsdzarr.prepare.storage import (
     ROI_STORAGE,
     StorageSettings,
     chunk_codecs,
     create_trial_array,
+    roi_settings,
     zarr_compressor,
 )
 from nsdzarr.prepare.trials import write_trial_tables

@@ -15,8 +15,10 @@ from nsdzarr.errors import InputError, VerificationError
 from nsdzarr.prepare import layout
 from nsdzarr.prepare.convert import convert_session
 from nsdzarr.prepare.demo import DemoSpec
+from nsdzarr.prepare.estimate import count_roi_voxels
 from nsdzarr.prepare.roi import extract_session, finish_store, load_roi_mask, to_nifti, verify_rows
 from nsdzarr.prepare.storage import StorageSettings
+from nsdzarr.prepare.surface_roi import count_surface_columns, load_surface_mask
 from nsdzarr.prepare.trials import write_trial_tables
 
 SPEC = DemoSpec()
@@ -60,6 +62,24 @@ def test_labels_select_their_voxels(demo_root: Path):
     assert len(mask.voxels) == np.isin(atlas, [1, 2]).sum()
     assert set(mask.voxel_labels.tolist()) == {1, 2}
     assert mask.labels == (1, 2)
+
+
+@pytest.mark.parametrize("labels", [None, [2], [1, 3]])
+def test_estimates_count_what_the_roi_jobs_select(tmp_path: Path, labels):
+    # One rule (labels.label_selection) for the ROI jobs and the estimates' lenient counts.
+    rng = np.random.default_rng(7)
+    atlas = rng.integers(-1, 4, size=(6, 5, 4))
+    mask = load_roi_mask(_write_mask(tmp_path / "a.nii.gz", atlas), labels)
+    assert count_roi_voxels(tmp_path / "a.nii.gz", labels) == len(mask.voxels)
+    want = (atlas >= 1) if labels is None else np.isin(atlas, labels)
+    assert len(mask.voxels) == want.sum() > 0
+    paths = []
+    for h, part in zip(("lh", "rh"), (atlas[:3], atlas[3:]), strict=True):
+        img = nib.MGHImage(part.reshape(-1, 1, 1).astype(np.int32), np.eye(4))
+        nib.save(img, path := tmp_path / f"{h}.a.mgz")
+        paths.append(path)
+    surf = load_surface_mask(paths, labels)
+    assert count_surface_columns(paths, labels) == len(surf.vertex) == want.sum()
 
 
 @pytest.mark.slow  # three sessions extracted and finished (the part tests stay fast)

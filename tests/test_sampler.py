@@ -19,8 +19,7 @@ import zarr
 from test_loader import build_store, read_tsv
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from nsdzarr.prepare.roi import roi_settings
-from nsdzarr.prepare.storage import StorageSettings, create_trial_array
+from nsdzarr.prepare.storage import StorageSettings, create_trial_array, roi_settings
 from nsdzarr.training.loader import BetasDataset, TrialBatchSampler, collate
 from nsdzarr.training.sampler import TrialBatchSampler as SamplerFromModule
 

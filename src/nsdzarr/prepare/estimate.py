@@ -16,6 +16,7 @@ from nsdzarr.prepare.atomic import atomic_output
 from nsdzarr.prepare.convert import store_stats
 from nsdzarr.prepare.hdf5_open import betas_dataset
 from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.labels import label_selection
 from nsdzarr.prepare.layout import require_session_trials
 from nsdzarr.prepare.memory import (
     SAMPLE_PLANES,
@@ -30,7 +31,7 @@ from nsdzarr.prepare.memory import (
     stimuli_read_budget,
 )
 from nsdzarr.prepare.nifti import load_nifti
-from nsdzarr.prepare.roi import is_session_store, roi_settings
+from nsdzarr.prepare.roi import is_session_store
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes, stimuli_job_minutes
 from nsdzarr.prepare.stimuli import ids_from_trials, open_stimuli, select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import (
@@ -39,6 +40,7 @@ from nsdzarr.prepare.storage import (
     StimuliStorage,
     StorageSettings,
     numcodecs_compressor,
+    roi_settings,
     trial_blocks,
 )
 from nsdzarr.prepare.surface import is_surface_source
@@ -216,7 +218,7 @@ def count_roi_voxels(mask_path: str | os.PathLike[str], labels: list[int] | None
     """Voxels an ROI selects, counted leniently: an unreadable atlas fails here, a selection the
     ROI job will refuse (shape, labels, empty) fails that job alone, not every estimate."""
     values = np.asarray(load_nifti(mask_path).dataobj)
-    return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())
+    return int(label_selection(values, labels).sum())
 
 
 def stimuli_estimate(

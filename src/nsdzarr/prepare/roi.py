@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.labels import label_selection, present_labels
 from nsdzarr.prepare.layout import require_session_trials
 from nsdzarr.prepare.memory import STATS_ROWS
 from nsdzarr.prepare.nifti import load_nifti, require_affine, require_same_grid
-from nsdzarr.prepare.storage import ROI_STORAGE, StorageSettings, create_trial_array
+from nsdzarr.prepare.storage import StorageSettings, create_trial_array, roi_settings
 from nsdzarr.training.zarr_v3 import ArrayLayout, object_chunks, parse_layout, read_json
 
 COLUMN_ORDER = "nibabel: np.argwhere(mask_xyz) == volume_zyx.T[mask_xyz] (MindEye order)"
@@ -76,7 +77,7 @@ def load_roi_mask(
     if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
         raise InputError(path, "ROI mask values must be integers (-1 outside brain, 0, labels)")
     values = data.astype(np.int64)
-    present = sorted(int(v) for v in np.unique(values) if v >= 1)
+    present = present_labels(values)
     if labels is None:
         chosen = present
     else:
@@ -84,7 +85,7 @@ def load_roi_mask(
         if missing:
             raise InputError(path, f"labels {missing} not in mask (present: {present})")
         chosen = sorted(labels)
-    selected = np.isin(values, chosen) if chosen else np.zeros(values.shape, dtype=bool)
+    selected = label_selection(values, chosen)
     if not selected.any():
         raise InputError(path, "ROI selection is empty: no voxel has a label >= 1")
     voxels = np.argwhere(selected).astype(np.int32)
@@ -126,15 +127,6 @@ def session_stats(
     mean = total / n
     var = np.maximum(squares / n - mean**2, 0.0)
     return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
-
-
-def roi_settings(settings: StorageSettings | None = None) -> StorageSettings:
-    """ROI stores: the given codec, one trial per chunk, shards that never span sessions."""
-    settings = settings or ROI_STORAGE
-    per_shard = settings.trials_per_shard
-    if TRIALS_PER_SESSION % per_shard:
-        per_shard = TRIALS_PER_SESSION
-    return replace(settings, trials_per_chunk=1, trials_per_shard=per_shard)
 
 
 def is_session_store(source: str | os.PathLike[str]) -> bool:

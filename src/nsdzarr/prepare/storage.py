@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd")
 # Image and ROI stores may also be raw: natural images barely compress losslessly (see
@@ -50,6 +52,15 @@ class StorageSettings:
 # into the batch, ~2x faster than blosc-lz4 (benchmarks/README.md, loader.py), for stores of
 # 2 bytes per voxel and trial (subj01 nsdgeneral: 0.94 GB). level/shuffle apply to codecs.
 ROI_STORAGE = StorageSettings(codec="none", level=5, shuffle="shuffle", trials_per_shard=50)
+
+
+def roi_settings(settings: StorageSettings | None = None) -> StorageSettings:
+    """ROI stores: the given codec, one trial per chunk, shards that never span sessions."""
+    settings = settings or ROI_STORAGE
+    per_shard = settings.trials_per_shard
+    if TRIALS_PER_SESSION % per_shard:
+        per_shard = TRIALS_PER_SESSION
+    return replace(settings, trials_per_chunk=1, trials_per_shard=per_shard)
 
 
 # The bounded-memory convert's scratch store (convert.py) is written once and read once:

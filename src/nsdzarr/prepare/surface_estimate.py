@@ -22,12 +22,12 @@ from nsdzarr.prepare.memory import (
     surface_estimate_peak,
     surface_roi_peak,
 )
-from nsdzarr.prepare.roi import roi_settings
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes
 from nsdzarr.prepare.storage import (
     ROI_STORAGE,
     StorageSettings,
     numcodecs_compressor,
+    roi_settings,
     trial_blocks,
 )
 from nsdzarr.prepare.surface import (

@@ -13,6 +13,7 @@ import zarr
 
 from nsdzarr import __version__
 from nsdzarr.errors import InputError
+from nsdzarr.prepare.labels import label_selection, present_labels
 from nsdzarr.prepare.layout import HEMISPHERES
 from nsdzarr.prepare.surface import SessionSources, hemisphere_of, open_session, scale_and_units
 
@@ -72,7 +73,7 @@ def load_surface_mask(
                 f"{len(values[h])} vertices, but the {h} betas have {vertices[h]} "
                 "(labels of another surface?)",
             )
-    present = sorted({int(v) for h in HEMISPHERES for v in np.unique(values[h]) if v >= 1})
+    present = present_labels(np.concatenate([values[h] for h in HEMISPHERES]))
     if labels is not None and (missing := sorted(set(labels) - set(present))):
         raise InputError(
             by_hemi["lh"], f"labels {missing} in neither hemisphere (present: {present})"
@@ -80,7 +81,7 @@ def load_surface_mask(
     chosen = present if labels is None else sorted(labels)
     hemi, vert, lab = [], [], []
     for i, h in enumerate(HEMISPHERES):
-        idx = np.flatnonzero(np.isin(values[h], chosen))
+        idx = np.flatnonzero(label_selection(values[h], chosen))
         hemi.append(np.full(len(idx), i, np.int8))
         vert.append(idx.astype(np.int32))
         lab.append(values[h][idx].astype(np.int16))
@@ -99,7 +100,7 @@ def load_surface_mask(
 def count_surface_columns(paths: SessionSources, labels: list[int] | None) -> int:
     """Vertices an ROI selects, counted leniently (the ROI job itself checks the files)."""
     values = np.concatenate([load_labels(p) for p in paths])
-    return int(np.isin(values, labels).sum() if labels else (values >= 1).sum())
+    return int(label_selection(values, labels).sum())
 
 
 def read_surface_columns(
