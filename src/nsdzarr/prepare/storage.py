@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Self
 
 import numcodecs
 import numpy as np
@@ -28,24 +28,33 @@ def check_codec(codec: str, shuffle: str) -> None:
 
 
 @dataclass(frozen=True)
-class StorageSettings:
-    """Codec and trial blocking of a store; mirrors the ``storage`` config section."""
+class CodecSettings:
+    """The codec part shared by every store's settings, built from its config section."""
 
     codec: str = "zstd"
     level: int = 1
     shuffle: str = "shuffle"
+
+    def __post_init__(self) -> None:
+        check_codec(self.codec, self.shuffle)
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None) -> Self:
+        """Build from the validated config mapping of this store kind."""
+        return cls(**(section or {}))
+
+
+@dataclass(frozen=True)
+class StorageSettings(CodecSettings):
+    """Codec and trial blocking of a store; mirrors the ``storage`` config section."""
+
     trials_per_chunk: int = 1
     trials_per_shard: int = 50
 
     def __post_init__(self) -> None:
-        check_codec(self.codec, self.shuffle)
+        super().__post_init__()
         if self.trials_per_shard % self.trials_per_chunk:
             raise ValueError("trials_per_chunk must divide trials_per_shard")
-
-    @classmethod
-    def from_config(cls, section: dict[str, Any] | None) -> StorageSettings:
-        """Build from the validated ``storage`` config mapping."""
-        return cls(**(section or {}))
 
 
 # ROI stores are read one random trial at a time by the loader: raw rows are read straight
@@ -69,23 +78,17 @@ SCRATCH_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
 
 
 @dataclass(frozen=True)
-class StimuliStorage:
+class StimuliStorage(CodecSettings):
     """Codec and shard size of a stimulus image store; mirrors the ``stimuli_storage`` config."""
 
     codec: str = "none"
-    level: int = 1
     shuffle: str = "noshuffle"
     images_per_shard: int = 50
 
     def __post_init__(self) -> None:
-        check_codec(self.codec, self.shuffle)
+        super().__post_init__()
         if self.images_per_shard < 1:
             raise ValueError("images_per_shard must be at least 1")
-
-    @classmethod
-    def from_config(cls, section: dict[str, Any] | None) -> StimuliStorage:
-        """Build from the validated stimulus storage config mapping."""
-        return cls(**(section or {}))
 
 
 # The defaults of every stimulus store (the config schema's defaults match these). One image
@@ -93,7 +96,7 @@ class StimuliStorage:
 STIMULI_STORAGE = StimuliStorage()
 
 
-def zarr_compressor(settings: StorageSettings | StimuliStorage, itemsize: int) -> Any:
+def zarr_compressor(settings: CodecSettings, itemsize: int) -> Any:
     """The Zarr v3 compressor for these settings (Blosc, plain zstd, or None for raw bytes)."""
     if settings.codec == "none":
         return None
@@ -105,7 +108,7 @@ def zarr_compressor(settings: StorageSettings | StimuliStorage, itemsize: int) -
     )
 
 
-def chunk_codecs(settings: StorageSettings | StimuliStorage, itemsize: int) -> tuple[Any, ...]:
+def chunk_codecs(settings: CodecSettings, itemsize: int) -> tuple[Any, ...]:
     """The bytes-to-bytes codecs of every chunk of a store's big arrays: the compressor (if
     any), then a ``crc32c`` of the encoded bytes, so that a flipped byte is detected by every
     reader (zarr-python, ours) instead of being decoded into wrong values."""
@@ -113,9 +116,7 @@ def chunk_codecs(settings: StorageSettings | StimuliStorage, itemsize: int) -> t
     return (*((compressor,) if compressor is not None else ()), Crc32cCodec())
 
 
-def numcodecs_compressor(
-    settings: StorageSettings | StimuliStorage, itemsize: int
-) -> numcodecs.abc.Codec | None:
+def numcodecs_compressor(settings: CodecSettings, itemsize: int) -> numcodecs.abc.Codec | None:
     """The same compression as :func:`zarr_compressor`, as a numcodecs codec for sampling."""
     if settings.codec == "none":
         return None
