@@ -108,6 +108,17 @@ def store_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def job_request(
+    peak_bytes: int, factor: float, runtime_min: int, ceiling_mb: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One job's entry in an estimate: ``extra`` facts, its predicted peak, its ``mem_mb``
+    request (capped at ``ceiling_mb`` when given) and its runtime."""
+    mem_mb = request_mb(peak_bytes, factor)
+    if ceiling_mb:
+        mem_mb = min(mem_mb, ceiling_mb)
+    return {**extra, "peak_bytes": peak_bytes, "mem_mb": mem_mb, "runtime_min": runtime_min}
+
+
 def estimate_from_metadata(
     meta: dict[str, Any],
     settings: StorageSettings,
@@ -135,19 +146,15 @@ def estimate_from_metadata(
     estimate_bytes = estimate_peak(shape, itemsize)
     jobs: dict[str, dict[str, Any]] = {
         # the estimate job's own request (resources.estimate_job_mem_mb), for the summary
-        "estimate": {
-            "peak_bytes": estimate_bytes,
-            "mem_mb": min(request_mb(estimate_bytes, factor), ceiling_mb or math.inf),
-            "runtime_min": MIN_RUNTIME_MIN,
-        },
-        "convert": {
-            "strategy": plan.strategy,
-            "planes_per_slab": plan.planes_per_slab,
-            "in_memory_peak_bytes": in_memory_peak(shape, itemsize, settings.trials_per_shard),
-            "peak_bytes": plan.peak_bytes,
-            "mem_mb": request_mb(plan.peak_bytes, factor),
-            "runtime_min": runtime,
-        },
+        "estimate": job_request(estimate_bytes, factor, MIN_RUNTIME_MIN, ceiling_mb),
+        "convert": job_request(
+            plan.peak_bytes,
+            factor,
+            runtime,
+            strategy=plan.strategy,
+            planes_per_slab=plan.planes_per_slab,
+            in_memory_peak_bytes=in_memory_peak(shape, itemsize, settings.trials_per_shard),
+        ),
     }
     roi_shard = roi_settings(roi_storage).trials_per_shard
     store_shard = meta["shards"][0] if meta.get("format") == "zarr" else None
@@ -155,12 +162,7 @@ def estimate_from_metadata(
         peak = roi_session_peak(
             shape, itemsize, n_vox, roi_shard, store_trials_per_shard=store_shard
         )
-        jobs[f"roi_session/{name}"] = {
-            "voxels": n_vox,
-            "peak_bytes": peak,
-            "mem_mb": request_mb(peak, factor),
-            "runtime_min": runtime,
-        }
+        jobs[f"roi_session/{name}"] = job_request(peak, factor, runtime, voxels=n_vox)
     return {
         "source": meta,
         "raw_bytes": raw,
@@ -268,14 +270,12 @@ def stimuli_estimate(
         # shards of each image array; group + array metadata; nsd_id and checksums chunks
         "store_files": arrays * n_shards + 1 + arrays + 4,
         "jobs": {
-            "stimuli": {
-                "budget_bytes": read_budget,
-                "peak_bytes": peak,
-                "mem_mb": request_mb(peak, factor),
-                "runtime_min": stimuli_job_minutes(
-                    raw, n_images * len(sizes) * shape[1] * shape[2]
-                ),
-            }
+            "stimuli": job_request(
+                peak,
+                factor,
+                stimuli_job_minutes(raw, n_images * len(sizes) * shape[1] * shape[2]),
+                budget_bytes=read_budget,
+            )
         },
         "model": {
             "snakemake_job_bytes": SNAKEMAKE_JOB_BYTES,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 from nsdzarr.errors import InputError
 from nsdzarr.prepare.atomic import atomic_output
 from nsdzarr.prepare.convert import store_stats
-from nsdzarr.prepare.estimate import SAMPLE_TRIALS, STORE_EXTRA_FILES
+from nsdzarr.prepare.estimate import SAMPLE_TRIALS, STORE_EXTRA_FILES, job_request
 from nsdzarr.prepare.layout import HEMISPHERES, SURFACE_SESSION_FILE
 from nsdzarr.prepare.memory import (
     SNAKEMAKE_JOB_BYTES,
@@ -93,31 +92,22 @@ def surface_estimate(
     runtime = session_job_minutes(raw)
     est_peak = surface_estimate_peak(n_trials, itemsize)
     jobs: dict[str, dict[str, Any]] = {
-        "estimate": {
-            "peak_bytes": est_peak,
-            "mem_mb": min(request_mb(est_peak, factor), ceiling_mb or math.inf),
-            "runtime_min": MIN_RUNTIME_MIN,
-        },
-        "convert": {
-            "strategy": meta["strategy"],
-            "planes_per_slab": 0,
-            "in_memory_peak_bytes": peak_convert,
-            "peak_bytes": peak_convert,
-            "mem_mb": request_mb(peak_convert, factor),
-            "runtime_min": runtime,
-        },
+        "estimate": job_request(est_peak, factor, MIN_RUNTIME_MIN, ceiling_mb),
+        "convert": job_request(
+            peak_convert,
+            factor,
+            runtime,
+            strategy=meta["strategy"],
+            planes_per_slab=0,
+            in_memory_peak_bytes=peak_convert,
+        ),
     }
     block = max(
         READ_BUFFER_BYTES // itemsize, 64 * max(vertices), n_trials * SURFACE_SAMPLE_VERTICES
     )
     for name, n_cols in (roi_columns or {}).items():
         peak = surface_roi_peak(n_trials, vertices, itemsize, n_cols, block)
-        jobs[f"roi_session/{name}"] = {
-            "voxels": n_cols,
-            "peak_bytes": peak,
-            "mem_mb": request_mb(peak, factor),
-            "runtime_min": runtime,
-        }
+        jobs[f"roi_session/{name}"] = job_request(peak, factor, runtime, voxels=n_cols)
     del roi_storage  # parts are one session's rows: their shard size does not change the peak
     n_shards = 2 * len(trial_blocks(n_trials, settings.trials_per_shard))
     return {
