@@ -23,6 +23,8 @@ from nsdzarr.training.loader import BetasDataset
 from nsdzarr.training.row_reader import ShardRows
 from nsdzarr.training.zarr_v3 import EMPTY, index_nbytes, parse_layout
 
+pytestmark = pytest.mark.slow  # every test reads the stores of a whole demo workflow run
+
 REPO = Path(__file__).resolve().parents[1]
 # kind: (store in the demo run, its big array, what a row is)
 STORES = {
