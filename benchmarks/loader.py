@@ -346,6 +346,7 @@ def main() -> None:
 
     from nsdzarr.prepare.storage import ROI_STORAGE
     from nsdzarr.training.loader import BetasDataset, collate
+    from nsdzarr.training.readers import RoiReader
     from nsdzarr.training.zarr_v3 import Decoder
 
     torch.set_num_threads(1)
@@ -370,6 +371,7 @@ def main() -> None:
     ds_mem = BetasDataset(store, split="all", in_memory=True)
     load_s = time.perf_counter() - t0
     z = zarr.open_array(store / "betas", mode="r")
+    roi_reader = RoiReader(raw_store)  # the numpy reader: raw int16 rows, for comparison
     h5 = h5py.File(h5path, "r")["betas"]
     ram = ds_mem._mem[0].numpy()  # the same int16 array, for numpy fancy indexing
     ram32 = ram.astype(np.float32)  # what a float32 batch costs numpy to gather (our output)
@@ -478,6 +480,10 @@ def main() -> None:
             lambda k: ds_mem[int(singles[k])]["betas"],
             lambda k: collate(ds_mem.__getitems__(batches[k]))["betas"],
         ),
+        "RoiReader.rows, raw store (int16, no torch)": (
+            None,
+            lambda k: roi_reader.rows(batches[k]),
+        ),
         "zstd decode only, no I/O (ceiling)": (None, decode_only("zstd")),
         "blosc-lz4 decode only, no I/O (ceiling)": (None, decode_only("lz4")),
         "h5py kept open (contiguous)": (lambda k: h5[int(singles[k])], h5_batch),
@@ -506,6 +512,7 @@ def main() -> None:
     if zrs is not None:
         assert np.array_equal(zrs_batch(0), ref)
     assert np.array_equal(h5_batch(0), ref)
+    assert np.array_equal(roi_reader.rows(batches[0]), ref)
 
     best: dict[tuple[str, str], float] = {}
     for r in range(args.rounds):
