@@ -39,7 +39,9 @@ once, when the workers start. Either way one copy serves every process.
 
 DataLoader workers hand batches to the main process through reused memfd buffers instead of
 torch's fresh shared memory per batch (:mod:`nsdzarr.training.batch_transport`): faulting in fresh
-pages costs more than decoding on our VMs.
+pages costs more than decoding on our VMs. For the same reason a process reading for itself
+(``num_workers=0``) takes a batch's betas and images from buffers reused once no tensor of an
+earlier batch is alive (``LocalBuffers``).
 
 Images (``images=`` an image store, :class:`nsdzarr.training.readers.ImageReader`): a batch's images
 are read like its betas, one pass over the shard files decoding each (H, W, 3) row straight
