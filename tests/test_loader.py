@@ -270,6 +270,34 @@ def test_getitems_batch_equals_items_and_both_collates_agree(store: Path):
         assert torch.equal(fast["betas"][j], item["betas"]) and fast["trial"][j] == item["trial"]
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_batches_in_one_process_reuse_only_dropped_memory(
+    store: Path, truth: dict, in_memory: bool
+):
+    """Without workers a batch's betas come from reused buffers (``LocalBuffers``): memory
+    is reused once no tensor or view of a batch is left, never while one is."""
+    ds = BetasDataset(raw_copy(store, truth), split="all", in_memory=in_memory)
+    rng = np.random.default_rng(4)
+    idx = [rng.integers(0, len(ds), 32) for _ in range(6)]
+    first = collate(ds.__getitems__(idx[0]))
+    ptr = first["betas"].data_ptr()
+    del first
+    again = collate(ds.__getitems__(idx[1]))["betas"]  # the dropped batch's memory
+    assert again.data_ptr() == ptr
+    kept_view = again[3:5]  # a view keeps it, and its values
+    numpy_view = again.numpy()[:2]
+    del again
+    later = [collate(ds.__getitems__(i))["betas"] for i in idx[2:]]  # all alive at once
+    assert ptr not in {b.data_ptr() for b in later}
+    np.testing.assert_array_equal(kept_view.numpy(), truth["betas"][idx[1][3:5]])
+    np.testing.assert_array_equal(numpy_view, truth["betas"][idx[1][:2]])
+    for b, i in zip(later, idx[2:], strict=True):
+        np.testing.assert_array_equal(b.numpy(), truth["betas"][i])
+    freed = {ptr, *(b.data_ptr() for b in later)}
+    del kept_view, numpy_view, later
+    assert collate(ds.__getitems__(idx[0]))["betas"].data_ptr() in freed
+
+
 # --------------------------------------------------------------------------- workers
 
 

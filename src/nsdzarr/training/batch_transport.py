@@ -169,11 +169,6 @@ def release_exited_pools() -> None:
             _MAPPED.pop(old).close()
 
 
-def _free_slot(mm: Any, slot: int) -> None:
-    with contextlib.suppress(ValueError):  # the mapping was closed
-        mm[slot] = 0
-
-
 class WorkerBatch(dict):
     """A collated batch made in a DataLoader worker; pickles as a few numbers.
 
@@ -185,41 +180,95 @@ class WorkerBatch(dict):
     slot: Slot | None = None
 
     def __reduce__(self) -> Any:
-        in_slot, by_value, rest = [], [], {}
+        slot, in_slot, by_value, rest = self.slot, [], [], {}
         for key, v in self.items():
-            off = self.slot.offset_of(v) if isinstance(v, torch.Tensor) and self.slot else None
-            if off is not None:
-                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), v.stride(), off))
+            off = slot.offset_of(v) if isinstance(v, torch.Tensor) and slot else None
+            if off is not None:  # strides only when not C-contiguous (channels_last images)
+                stride = None if v.is_contiguous() else v.stride()
+                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), stride, off))
                 v = None
             elif isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
                 by_value.append(key)
                 v = v.numpy()
             rest[key] = v  # keeps key order
-        ticket = self.slot.send() if in_slot else None
+        ticket = slot.send() if in_slot else None  # type: ignore[union-attr]
         return (_rebuild_batch, (ticket, in_slot, by_value, rest))
+
+
+# main process: id of the weakref to a batch's memory -> (that weakref, pool mapping, slot)
+_PENDING: dict[int, tuple[Any, Any, int]] = {}
+
+
+def _free_slot(ref: Any) -> None:
+    """A batch's memory is no longer used by any tensor: its worker may reuse the slot."""
+    _, mm, slot = _PENDING.pop(id(ref))
+    with contextlib.suppress(ValueError):  # the mapping was closed
+        mm[slot] = 0
 
 
 def _rebuild_batch(
     ticket: Any,
-    in_slot: list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]],
+    in_slot: list[tuple[str, str, tuple[int, ...], tuple[int, ...] | None, int]],
     by_value: list[str],
     rest: dict,
 ) -> dict[str, Any]:
-    """Unpickling in the main process: tensors over the worker's slot, freed once collected."""
+    """Unpickling in the main process: tensors over the worker's slot, freed once collected.
+
+    This runs once per batch in the main process, whose CPU bounds the workers' speed-up:
+    numpy views and ``from_numpy`` (torch's ``as_strided`` costs ~10x more here), one
+    weakref for the whole slot (freed after every tensor and view of it is gone)."""
     if ticket is not None:
         key, index, offset, nbytes = ticket
         mm = _map_pool(key)
         base = np.frombuffer(mm, np.uint8, nbytes, offset)
-        weakref.finalize(base, _free_slot, mm, index)  # after every tensor/view of it is gone
+        ref = weakref.ref(base, _free_slot)
+        _PENDING[id(ref)] = (ref, mm, index)
         for name, dtype, shape, stride, off in in_slot:
-            # a strided numpy view, then from_numpy: torch's as_strided costs ~10x more here
             dt = np.dtype(dtype)
-            strides = tuple(s * dt.itemsize for s in stride)
-            view = np.ndarray(shape, dt, buffer=base, offset=off, strides=strides)
+            if stride is None:  # C-contiguous
+                view = base[off : off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
+            else:
+                strides = tuple(s * dt.itemsize for s in stride)
+                view = np.ndarray(shape, dt, buffer=base, offset=off, strides=strides)
             rest[name] = torch.from_numpy(view)
     for name in by_value:
         rest[name] = torch.from_numpy(rest[name])
     return rest
+
+
+class LocalBuffers:
+    """Batch buffers reused in a process that reads for itself (not a DataLoader worker).
+
+    A fresh (32, 15724) float32 batch is 2 MB, which glibc maps afresh for every batch: faulting
+    its pages in cost as much as gathering an in-memory batch. A buffer returns here once no
+    tensor or view of it is alive (a weakref on the array behind them), ``keep`` per size."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.free: dict[int, list[np.ndarray]] = {}  # nbytes -> owning uint8 arrays
+        self.pending: dict[int, tuple[Any, int, np.ndarray]] = {}  # id(weakref) -> it, size, owner
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialized array, in reused memory when some is free."""
+        dtype = np.dtype(dtype)
+        n = math.prod(shape) * dtype.itemsize
+        stack = self.free.get(n)
+        owner = stack.pop() if stack else np.empty(n, np.uint8)
+        # every view of ``base`` refers to it (numpy stops at an array over a memoryview)
+        base = np.frombuffer(memoryview(owner), np.uint8, n)
+        ref = weakref.ref(base, self._back)
+        self.pending[id(ref)] = (ref, n, owner)
+        return base.view(dtype).reshape(shape)
+
+    def _back(self, ref: Any) -> None:
+        _, n, owner = self.pending.pop(id(ref))
+        stack = self.free.setdefault(n, [])
+        if len(stack) < self.keep:
+            stack.append(owner)
+
+    def clear(self) -> None:
+        """Drop the free buffers (those in use return to the allocator when collected)."""
+        self.free.clear()
 
 
 def pool_available() -> bool:

@@ -39,7 +39,9 @@ once, when the workers start. Either way one copy serves every process.
 
 DataLoader workers hand batches to the main process through reused memfd buffers instead of
 torch's fresh shared memory per batch (:mod:`nsdzarr.training.batch_transport`): faulting in fresh
-pages costs more than decoding on our VMs.
+pages costs more than decoding on our VMs. For the same reason a process reading for itself
+(``num_workers=0``) takes a batch's betas and images from buffers reused once no tensor of an
+earlier batch is alive (``LocalBuffers``).
 
 Images (``images=`` an image store, :class:`nsdzarr.training.readers.ImageReader`): a batch's images
 are read like its betas, one pass over the shard files decoding each (H, W, 3) row straight
@@ -69,6 +71,7 @@ from nsdzarr.nsd_facts import MAX_REPEATS
 from nsdzarr.outputs import subject_of_roi_store
 from nsdzarr.training.batch_transport import (
     BatchPool,
+    LocalBuffers,
     Slot,
     WorkerBatch,
     pool_available,
@@ -146,6 +149,7 @@ class _Runtime:
         self.executor: Any = None
         self.pool: BatchPool | None = None
         self.old_pools: list[BatchPool] = []
+        self.local = LocalBuffers()  # batch memory when not in a DataLoader worker
 
     def buffer(self, n: int, n_vox: int, dtype: np.dtype) -> np.ndarray:
         key = (n_vox, dtype.str)
@@ -173,6 +177,7 @@ class _Runtime:
             if reader is not None:
                 reader.close()
         self.readers = [None] * len(self.readers)
+        self.local.clear()
         if self.executor is not None:
             self.executor.shutdown(wait=False)
             self.executor = None
@@ -557,8 +562,8 @@ class BetasDataset(Dataset):
                 return False
         info = self.stores[s]
         if self.normalize == "none":
-            for o, x in zip(out, src, strict=True):
-                np.copyto(o, x, casting="unsafe")
+            for j, x in enumerate(src):  # item assignment: the cheapest per-row call here
+                out[j] = x
         elif self.normalize == "psc":
             scale = np.float32(info.scale)
             for o, x in zip(out, src, strict=True):
@@ -607,11 +612,14 @@ class BetasDataset(Dataset):
         nbytes += math.prod(ishape) + 64 if self.images is not None else 0
         slot = rt.slot(nbytes, self.pooled_batches)
         if slot is not None:
-            betas = torch.from_numpy(slot.empty(shape, np.float32))
+            out = slot.empty(shape, np.float32)
+            betas = torch.from_numpy(out)
         elif get_worker_info() is not None:
             betas = shared_empty(shape)
-        else:
-            betas = torch.empty(shape, dtype=torch.float32)
+            out = betas.numpy()
+        else:  # reused memory: a fresh 2 MB batch costs as much to fault in as to fill
+            out = rt.local.empty(shape, np.float32)
+            betas = torch.from_numpy(out)
         collated: dict[str, Any] = {"betas": betas}
         if self.images is not None:  # NHWC rows, handed out as NCHW in channels_last format
             if slot is not None:
@@ -619,12 +627,11 @@ class BetasDataset(Dataset):
             elif get_worker_info() is not None:
                 image = shared_empty(ishape, torch.uint8)
             else:
-                image = torch.empty(ishape, dtype=torch.uint8)
+                image = torch.from_numpy(rt.local.empty(ishape, np.uint8))
             if len(idx):
                 self.images.read_into(self._item_image[idx], image.numpy(), rt.executor)
             collated["image"] = image.permute(0, 3, 1, 2)
         if len(idx):
-            out = betas.numpy()
             if counts is None and self._gather_normalized(rt, stores, rows, out):
                 pass
             elif counts is None:
