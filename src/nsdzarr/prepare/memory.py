@@ -35,6 +35,12 @@ SHARD_WORK_FACTOR = 2.5
 INDEX_BUILD_BYTES_PER_CHUNK = 120
 SLAB_OVERHEAD_BYTES = 130 * MB
 SHARD_REWRITE_FACTOR = 1.5
+# Reading slabs holds each slab as read and again while its chunks are encoded into the scratch
+# store (2x), plus a margin: 2 fits 1 mm's 41 and 43 planes to within 2% (3,410 and 3,594 MB
+# measured), too close for run-to-run noise. zarr's overhead (SLAB_OVERHEAD_BYTES) does not show
+# in this phase (benchmarks/memory_phases.py, 2026-12-01: 214 / 346 / 612 MB at 1.8 mm for
+# 2 / 7 / 20 planes, at most 430 MB at 1 mm for 3 planes).
+SLAB_READ_FACTOR = 2.1
 # The independent read-back (verify.ReadBack): the reader's library and thread arenas
 # (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
 # 32 MB fell 6 MB short on a 378 MB brick with tensorstore and crc32c installed (CI, 2026-12-01).
@@ -111,11 +117,7 @@ def slab_peak(
     index = BASELINE_BYTES + voxels * INDEX_BYTES_PER_CHUNK
     kept = index + SLAB_OVERHEAD_BYTES
     building_index = BASELINE_BYTES + voxels * INDEX_BUILD_BYTES_PER_CHUNK
-    # each slab as read, and again while its chunks are encoded into the scratch store; zarr's
-    # overhead (SLAB_OVERHEAD_BYTES) does not show yet in this phase (phase-by-phase, VmHWM
-    # reset at each phase, 2026-12-01: 214 / 346 / 612 MB at 1.8 mm for 2 / 7 / 20 planes, at
-    # most 430 MB at 1 mm for 3 planes and 3,410 MB for 41, against 222 / 387 / 715, 569, 3,503)
-    reading = index + min(READ_BUFFER_BYTES, slab) + 2 * slab
+    reading = index + min(READ_BUFFER_BYTES, slab) + int(SLAB_READ_FACTOR * slab)
     rewriting = kept + int(SHARD_REWRITE_FACTOR * shard) + slab
     # beside the pages the slab reads left (as in `reading`)
     verifying = kept + min(READ_BUFFER_BYTES, slab) + read_back_bytes(shard)
