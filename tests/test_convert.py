@@ -234,4 +234,3 @@ print(json.dumps([start, status("VmHWM")]))
 """)
     shard = per_shard * math.prod(shape[1:]) * 2
     assert end - start <= memory.read_back_bytes(shard), ((end - start) / memory.MB, shard)
-    print((end - start) / memory.MB, memory.read_back_bytes(shard) / memory.MB, peak / memory.MB)
