@@ -1,14 +1,15 @@
 """Calibrate the memory model (src/nsdzarr/prepare/memory.py) against measured peak RSS.
 
 Usage: python benchmarks/calibrate_memory.py [--real PATH] [--one-mm PATH] [--workdir DIR]
-       [--one-mm-only CEILING:TRIALS_PER_SHARD ...]
+       [--one-mm-only CEILING:TRIALS_PER_SHARD ... | --no-one-mm]
 
 Runs each job's library function in a fresh process on sessions of three sizes (the demo's,
 a medium one and a real-size NSD session), reads its peak RSS (ru_maxrss), and prints the
 model's prediction beside it. A real-size 1 mm session (6 GB, generated at ``--one-mm`` if
 absent) is converted in bounded-memory slabs under the budgets of three ``memory.ceiling_mb``
 values, as the convert job's script does (``memory.budget_bytes(mem_mb)``), and at 1000 MB
-also with 10-trial shards (50 do not fit it); ``--one-mm-only`` runs only those 1 mm rows.
+also with 10-trial shards (50 do not fit it); ``--one-mm-only`` runs only those 1 mm rows,
+``--no-one-mm`` all but them (run both at once to halve the wall time).
 BASELINE_BYTES should be the smallest interpreter baseline under which no job is
 under-predicted (the largest residual of measured minus the model's data terms); the ratio
 column is what the model over-predicts by. Snakemake's own processes inside a SLURM job
@@ -77,6 +78,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=HERE / "data", help="for the stores")
     parser.add_argument("--one-mm-only", nargs="+", metavar="CEILING:SHARD", help="e.g. 1000:10")
+    parser.add_argument("--no-one-mm", action="store_true", help="skip the 1 mm rows")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -137,7 +139,8 @@ def main() -> None:
             for job, (code, predicted) in jobs.items():
                 measured, wall = peak_of(code)
                 rows.append((name, job, measured, predicted, wall))
-        rows += one_mm_rows(args.one_mm, tmp)
+        if not args.no_one_mm:
+            rows += one_mm_rows(args.one_mm, tmp)
     print_rows(rows)
     residuals = [m - (p - memory.BASELINE_BYTES) for _n, _j, m, p, _w in rows]
     baseline = int(max(residuals))

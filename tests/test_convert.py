@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import json
+import math
 import os
 import signal
 import subprocess
@@ -17,9 +19,9 @@ import zarr
 from conftest import REPO
 
 from nsdzarr.errors import InputError, VerificationError
-from nsdzarr.prepare import layout
+from nsdzarr.prepare import layout, memory
 from nsdzarr.prepare.convert import convert_session, plane_checksums, verify_store
-from nsdzarr.prepare.demo import DemoSpec, affine, write_betas_hdf5
+from nsdzarr.prepare.demo import DemoSpec, affine, write_betas_hdf5, write_synthetic_session
 from nsdzarr.prepare.memory import plan_conversion
 from nsdzarr.prepare.storage import StorageSettings
 from nsdzarr.prepare.verify import READERS
@@ -182,3 +184,53 @@ def test_a_shard_damaged_before_the_rename_fails_the_conversion(
     ):
         convert_session(demo_session(demo_root), other, threads=2)
     assert not other.exists() and not list(tmp_path.glob(".q.zarr*"))
+
+
+def peak_in_subprocess(code: str) -> list:
+    """Run ``code`` in a fresh interpreter; the JSON list it prints last."""
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+# VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into ru_maxrss
+STATUS = """
+def status(key):
+    line = next(line for line in open("/proc/self/status") if line.startswith(key))
+    return int(line.split()[1]) * 1024
+"""
+
+
+@pytest.mark.slow  # a 125 MB session converted in a subprocess
+def test_bounded_conversion_with_its_read_back_stays_within_the_model(tmp_path: Path):
+    # The read-back (verify_store) runs after the slabs are written and holds two shards;
+    # the model counts it (memory.read_back_bytes) in the convert's peak.
+    source = write_synthetic_session(tmp_path / "s.hdf5", (40, 52, 40))
+    shape, per_shard = (750, 40, 52, 40), 150
+    budget = memory.in_memory_peak(shape, 2, per_shard) - 1
+    plan = plan_conversion(shape, 2, per_shard, budget)
+    assert plan.strategy == "slabs" and plan.peak_bytes <= budget
+    target = tmp_path / "s.zarr"
+    strategy, predicted, peak = peak_in_subprocess(f"""{STATUS}
+import json
+from nsdzarr.prepare.convert import convert_session
+from nsdzarr.prepare.storage import StorageSettings
+r = convert_session({str(source)!r}, {str(target)!r},
+                    StorageSettings(trials_per_shard={per_shard}), memory_budget_bytes={budget})
+print(json.dumps([r.strategy, r.predicted_peak_bytes, status("VmHWM")]))
+""")
+    assert (strategy, predicted) == ("slabs", plan.peak_bytes)
+    assert peak <= predicted, (peak / memory.MB, predicted / memory.MB)
+    # the read-back alone, in a fresh process: what it adds to the RSS it starts from
+    start, end = peak_in_subprocess(f"""{STATUS}
+import json
+import zarr
+from nsdzarr.prepare.convert import verify_store
+sums = zarr.open_group({str(target)!r}, mode="r")["plane_checksums"][...]
+start = status("VmRSS")
+verify_store({str(target / "betas")!r}, sums, {str(target)!r})
+print(json.dumps([start, status("VmHWM")]))
+""")
+    shard = per_shard * math.prod(shape[1:]) * 2
+    assert end - start <= memory.read_back_bytes(shard), ((end - start) / memory.MB, shard)

@@ -35,6 +35,30 @@ SHARD_WORK_FACTOR = 2.5
 INDEX_BUILD_BYTES_PER_CHUNK = 120
 SLAB_OVERHEAD_BYTES = 130 * MB
 SHARD_REWRITE_FACTOR = 1.5
+# Reading slabs holds each slab as read and again while its chunks are encoded into the scratch
+# store (2x), plus a margin: 2 fits 1 mm's 41 and 43 planes to within 2% (3,410 and 3,594 MB
+# measured), too close for run-to-run noise. zarr's overhead (SLAB_OVERHEAD_BYTES) does not show
+# in this phase (benchmarks/memory_phases.py, 2026-12-01: 214 / 346 / 612 MB at 1.8 mm for
+# 2 / 7 / 20 planes, at most 430 MB at 1 mm for 3 planes).
+SLAB_READ_FACTOR = 2.1
+# The independent read-back (verify.ReadBack): the reader's library and thread arenas
+# (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
+# 32 MB fell 6 MB short on a 378 MB brick with tensorstore and crc32c installed (CI, 2026-12-01).
+VERIFY_READER_BYTES = 48 * MB
+# The independent read-back after writing (convert.verify_store: verify.read_blocks through
+# tensorstore, else zarr-python): each block of rows (one shard) is checksummed while the next
+# is read ahead, so READ_BACK_SHARDS shards are held at once, each decoded beside its encoded
+# file bytes and the decoder's chunk buffers (SESSION_READ_BACK_FACTOR per decoded byte); the
+# reader's library and thread arenas grow with the shards in flight up to VERIFY_READER_BYTES
+# (above; fitted on the stimulus job). Measured 2026-12-01 (benchmarks/README.md), VmHWM reset
+# just before the read-back: it raised the RSS it started from by 25 MB for 0.7 MB shards
+# (demo), 119 / 212 / 422 MB for 13 / 67 / 200 MB shards (1.8 mm), 258 / 929 MB for 76 / 380 MB
+# shards (1 mm): the reader plus 1.9-2.8x a shard at 67 MB and up; the smaller shards' excess
+# lies within the terms it starts from (kept pages, the baseline's margin).
+READ_BACK_SHARDS = 2
+SESSION_READ_BACK_FACTOR = 1.25
+# tensorstore's import (measured 17 MB), the reader's floor for tiny shards.
+READ_BACK_LIBRARY_BYTES = 16 * MB
 # Rows converted to float64 at once for the ROI statistics.
 STATS_ROWS = 64
 
@@ -60,26 +84,44 @@ def _common_bytes(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) 
     )
 
 
+def read_back_bytes(shard_bytes: int) -> int:
+    """What the lossless read-back of a session store adds to the RSS it starts from, for
+    shards of ``shard_bytes`` decoded bytes (``convert.verify_store``)."""
+    reader = min(VERIFY_READER_BYTES, READ_BACK_LIBRARY_BYTES + READ_BACK_SHARDS * shard_bytes)
+    return reader + int(READ_BACK_SHARDS * SESSION_READ_BACK_FACTOR * shard_bytes)
+
+
 def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) -> int:
-    """Peak RSS of reading the whole session, then writing it shard by shard."""
-    return math.prod(shape) * itemsize + _common_bytes(shape, itemsize, trials_per_shard)
+    """Peak RSS of reading the whole session, then writing it shard by shard, then reading the
+    store back (after the session's array is freed)."""
+    shard = min(trials_per_shard, shape[0]) * math.prod(shape[1:]) * itemsize
+    # beside about a written shard's worth of kept pages (measured at 1.8 mm: 29 / 63 / 132 MB
+    # left after writing 13 / 67 / 200 MB shards); below the whole session's phase but at the
+    # smallest sessions
+    verifying = BASELINE_BYTES + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK + shard
+    verifying += read_back_bytes(shard)
+    whole = math.prod(shape) * itemsize + _common_bytes(shape, itemsize, trials_per_shard)
+    return max(whole, verifying)
 
 
 def slab_peak(
     shape: tuple[int, ...], itemsize: int, trials_per_shard: int, planes_per_slab: int
 ) -> int:
     """Peak RSS of the rechunk through a scratch store, ``planes_per_slab`` z-planes at a time:
-    the largest of building the chunk index, reading slabs, and rewriting shards."""
+    the largest of building the chunk index, reading slabs, rewriting shards, and reading the
+    finished store back."""
     voxels = math.prod(shape[1:])
     plane = shape[0] * math.prod(shape[2:]) * itemsize
     slab = planes_per_slab * plane
     shard = min(trials_per_shard, shape[0]) * voxels * itemsize
-    kept = BASELINE_BYTES + SLAB_OVERHEAD_BYTES + voxels * INDEX_BYTES_PER_CHUNK
+    index = BASELINE_BYTES + voxels * INDEX_BYTES_PER_CHUNK
+    kept = index + SLAB_OVERHEAD_BYTES
     building_index = BASELINE_BYTES + voxels * INDEX_BUILD_BYTES_PER_CHUNK
-    # each slab as read, and again while its chunks are encoded into the scratch store
-    reading = kept + min(READ_BUFFER_BYTES, slab) + 2 * slab
+    reading = index + min(READ_BUFFER_BYTES, slab) + int(SLAB_READ_FACTOR * slab)
     rewriting = kept + int(SHARD_REWRITE_FACTOR * shard) + slab
-    return max(building_index, reading, rewriting)
+    # beside the pages the slab reads left (as in `reading`)
+    verifying = kept + min(READ_BUFFER_BYTES, slab) + read_back_bytes(shard)
+    return max(building_index, reading, rewriting, verifying)
 
 
 def plan_conversion(
@@ -213,10 +255,6 @@ STIMULI_SHARDS_IN_FLIGHT = 2
 # SHARD_WORK_FACTOR), fitted on 2,000 425 x 425 images (benchmarks/stimuli.py): our raw and zstd
 # shard writer copies little; zarr-python (Blosc) holds chunk buffers and the assembled shard.
 STIMULI_SHARD_WORK = {"none": 0.9, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
-# The independent read-back (verify.ReadBack): the reader's library and thread arenas
-# (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
-# 32 MB fell 6 MB short on a 378 MB brick with tensorstore and crc32c installed (CI, 2026-12-01).
-VERIFY_READER_BYTES = 48 * MB
 
 
 def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None) -> int:
