@@ -401,7 +401,10 @@ def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
         d = f.create_dataset("imgBrick", (n, h, w, 3), np.uint8, chunks=(10, h, w, 3))
         for s in range(0, n, 100):
             d[s : s + 100] = source_images(100, h, w, seed=s)
-    budget, per_shard = 32 << 20, 16
+    # 64-image shards (17 MB): glibc's dynamic mmap threshold would serve them from per-thread
+    # arenas that keep freed shards (peaks 100-250 MB over the model) unless
+    # memory.return_freed_blocks has fixed it
+    budget, per_shard = 32 << 20, 64
 
     def peak_converting(count: int) -> int:
         code = f"""
@@ -423,11 +426,11 @@ print(json.dumps([r["n_images"], int(hwm.split()[1]) * 1024]))
         assert peak <= stimuli_peak((n, h, w, 3), count, per_shard, (64,), budget, 10), peak
         return peak
 
-    # Converting twice the images (189 MB more) costs at most a few MB more: the peak is the
+    # Converting twice the images (189 MB more) costs at most ~a shard more: the peak is the
     # budget and the shards in flight, never the brick. (A fixed import baseline of ~90-130 MB
     # depending on the libraries installed makes a single peak-vs-brick ratio meaningless.)
     half, full = peak_converting(n // 2), peak_converting(n)
-    assert full - half < 0.05 * (n // 2) * h * w * 3, (half, full)
+    assert full - half < 0.15 * (n // 2) * h * w * 3, (half, full)
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
@@ -459,10 +462,10 @@ def test_estimate_predicts_the_store_it_describes(tmp_path: Path, codec: str):
 def test_estimate_fits_a_ceiling_by_reading_smaller_blocks():
     meta = {"path": "nsd_stimuli.hdf5", "shape": [73000, 425, 425, 3], "chunks": None}
     free = stimuli_estimate(meta, 73000, (224,))
-    capped = stimuli_estimate(meta, 73000, (224,), ceiling_mb=700)
+    capped = stimuli_estimate(meta, 73000, (224,), ceiling_mb=800)
     assert free["jobs"]["stimuli"]["budget_bytes"] == DEFAULT_STIMULI_BUDGET_BYTES
     assert capped["jobs"]["stimuli"]["budget_bytes"] < DEFAULT_STIMULI_BUDGET_BYTES
-    assert capped["jobs"]["stimuli"]["mem_mb"] <= 700 < free["jobs"]["stimuli"]["mem_mb"]
+    assert capped["jobs"]["stimuli"]["mem_mb"] <= 800 < free["jobs"]["stimuli"]["mem_mb"]
     assert free["raw_bytes"] == 73000 * 425 * 425 * 3
     assert free["store_files"] == 2 * 1460 + 7
     with pytest.raises(InputError, match=r"nsd_stimuli\.hdf5: memory\.ceiling_mb 400 is below"):

@@ -205,14 +205,41 @@ def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
     return BASELINE_BYTES + 3 * n_trials * SURFACE_SAMPLE_VERTICES * itemsize
 
 
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
+# which shard-sized buffers come from per-thread arenas that keep freed pages: converting
+# 425 x 425 images in 50-image (26 MB) shards then peaked at 574-679 MB against 349 predicted
+# (1.0 GB at 100-image shards of 300 x 300; MALLOC_ARENA_MAX=1: 348). A fixed threshold keeps
+# blocks above it mmapped, so freeing one returns it (benchmarks/README.md, 2026-12-01).
+MMAP_THRESHOLD_BYTES = 1 * MB
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_freed_blocks() -> bool:
+    """Make this process's large buffers (>= MMAP_THRESHOLD_BYTES) go back to the system when
+    freed (glibc ``mallopt``); False where that is not available (another libc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
 # least one chunk of the file), and this many shards are encoded at once beside the one filling.
 DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB
 STIMULI_SHARDS_IN_FLIGHT = 2
 # Bytes held per in-flight shard byte while it is encoded and written (the stimulus analogue of
-# SHARD_WORK_FACTOR), fitted on 2,000 425 x 425 images (benchmarks/stimuli.py): our raw and zstd
-# shard writer copies little; zarr-python (Blosc) holds chunk buffers and the assembled shard.
-STIMULI_SHARD_WORK = {"none": 0.9, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
+# SHARD_WORK_FACTOR). "none": zarr-python's writer holds each chunk with its crc32c and the
+# assembled shard, ~2 copies: peak VmHWM over 800 425 x 425 images at 25/50/100/200 images per
+# shard grew 8.34 bytes per shard byte = 4 + 2 x 2.17 (2026-12-01, benchmarks/README.md; the
+# 0.9 before was fitted on our own shard writer, removed). The others: fitted on 2,000 images
+# (benchmarks/stimuli.py), zstd with that writer, Blosc with zarr-python.
+STIMULI_SHARD_WORK = {"none": 2.2, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
 # The independent read-back (verify.ReadBack): the reader's library and thread arenas
 # (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
 # 32 MB fell 6 MB short on a 378 MB brick with tensorstore and crc32c installed (CI, 2026-12-01).

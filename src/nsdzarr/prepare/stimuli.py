@@ -36,6 +36,7 @@ from nsdzarr.prepare.hdf5_open import open_hdf5
 from nsdzarr.prepare.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
+    return_freed_blocks,
     stimuli_block_rows,
     stimuli_peak,
 )
@@ -274,6 +275,7 @@ def convert_stimuli(
     if any(s < 1 for s in sizes):
         raise InputError(source, f"resize sizes must be positive, got {sizes}")
     remove_stale_temporaries(target)
+    return_freed_blocks()  # else freed shard buffers stay in the threads' malloc arenas
     with open_stimuli(source) as dset:
         n_rows, h, w, c = dset.shape
         ids = select_ids(source, nsd_ids, n_rows)
