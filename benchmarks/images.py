@@ -213,6 +213,27 @@ def warm_cache(paths: list[Path]) -> None:
                     pass
 
 
+def resident(paths: list[Path]) -> str:
+    """How much of ``paths`` the page cache holds now (util-linux ``fincore``), e.g. to show
+    that read figures come from memory and not from the disk."""
+    import shutil
+
+    files = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    files = [f for f in files if os.path.isfile(f)]
+    if not shutil.which("fincore") or not files:
+        return "page cache residency unknown (no fincore)"
+    res = size = 0
+    for a in range(0, len(files), 500):
+        out = subprocess.run(
+            ["fincore", "-b", "-n", "-r", "-o", "RES,SIZE", *files[a : a + 500]],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        res += sum(int(v) for v in out[0::2])
+        size += sum(int(v) for v in out[1::2])
+    return f"{res / MB:,.0f} of {size / MB:,.0f} MB in the page cache ({100 * res / size:.1f}%)"
+
+
 def trial_nsd_ids(data: Path) -> np.ndarray:
     with open(data / "subj01" / "trials.tsv", newline="") as fh:
         return np.array([int(r["nsd_id"]) for r in csv.DictReader(fh, delimiter="\t")])
@@ -498,8 +519,10 @@ def read_all(data: Path, n_images: int, rounds: int, seconds: float, batches: in
     store = data / "stores" / "none-224.zarr"
     nsd_id = trial_nsd_ids(data)
     n_trials = len(nsd_id)
-    warm_cache([roi, store, data / "betas.h5", data / "nsd_stimuli.hdf5"])
-    warm_cache([data / "jpeg_425.tar", data / "jpeg_224.tar"])
+    cached = [roi, store, data / "betas.h5", data / "nsd_stimuli.hdf5"]
+    cached += [data / "jpeg_425.tar", data / "jpeg_224.tar"]
+    warm_cache(cached)
+    print(f"  read inputs warmed: {resident(cached)}", flush=True)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, n_trials, (300, BATCH))
 
@@ -573,7 +596,7 @@ def read_all(data: Path, n_images: int, rounds: int, seconds: float, batches: in
             slow = "JPEG" in name or "webdataset" in name
             v = rate(fn, BATCH, seconds * (2 if slow else 1), len(idx))
             best[name] = max(best.get(name, 0.0), v)
-        print(f"  read round {r + 1}/{rounds} done", flush=True)
+        print(f"  read round {r + 1}/{rounds} done; inputs: {resident(cached)}", flush=True)
 
     # the fancy-index form of the hand-written loader: one batch, it takes seconds
     fancy = H5Pairs(data, None, nsd_id, fancy=True)

@@ -264,6 +264,30 @@ def test_verification_reads_back_independently_and_names_the_image(
     assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
 
 
+@pytest.mark.parametrize("reader", READERS)
+def test_a_valid_but_wrong_image_on_disk_is_named(tmp_path: Path, monkeypatch, reader: str):
+    """A shard that reads back cleanly (its checksums written for the wrong bytes, as a writer
+    bug would) but holds one wrong pixel fails the store at that image."""
+    data = source_images(20, 7, 5)
+    src = write_brick(tmp_path / "stim.hdf5", data)
+    store = tmp_path / "stim.zarr"
+    real = ShardIO.write
+
+    def write(io: ShardIO, t0: int, block: np.ndarray) -> None:
+        if t0 == 8 and io.arr.path == "images":
+            block = block.copy()
+            block[3, 6, 4, 2] ^= 1  # row 11: nsd_id 13
+        real(io, t0, block)
+
+    monkeypatch.setattr(ShardIO, "write", write)
+    settings = StimuliStorage(images_per_shard=8)
+    with pytest.raises(
+        VerificationError, match=r"'images' differs from its source at nsd_id 13 \(row 11\)"
+    ):
+        convert_stimuli(src, store, nsd_ids=np.arange(2, 20), settings=settings, reader=reader)
+    assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
+
+
 def test_a_shard_written_again_after_its_check_fails_the_store(tmp_path: Path, monkeypatch):
     data = source_images(20, 7, 5)
     src = write_brick(tmp_path / "stim.hdf5", data)
@@ -403,7 +427,7 @@ def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
             d[s : s + 100] = source_images(100, h, w, seed=s)
     # 64-image shards (17 MB): glibc's dynamic mmap threshold would serve them from per-thread
     # arenas that keep freed shards (peaks 100-250 MB over the model) unless
-    # memory.return_freed_blocks has fixed it
+    # memory.limit_malloc_arenas has made the threads share one
     budget, per_shard = 32 << 20, 64
 
     def peak_converting(count: int) -> int:

@@ -205,18 +205,19 @@ def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
     return BASELINE_BYTES + 3 * n_trials * SURFACE_SAMPLE_VERTICES * itemsize
 
 
-# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after
-# which shard-sized buffers come from per-thread arenas that keep freed pages: converting
-# 425 x 425 images in 50-image (26 MB) shards then peaked at 574-679 MB against 349 predicted
-# (1.0 GB at 100-image shards of 300 x 300; MALLOC_ARENA_MAX=1: 348). A fixed threshold keeps
-# blocks above it mmapped, so freeing one returns it (benchmarks/README.md, 2026-12-01).
-MMAP_THRESHOLD_BYTES = 1 * MB
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+# glibc gives each new thread its own malloc arena (up to 8 per core), and shard-sized blocks
+# freed there stay in it: converting 425 x 425 images in 50-image (26 MB) shards peaked at
+# 574-679 MB against 349 predicted (MALLOC_ARENA_MAX=1: 348). One arena for the threads made
+# after this (the writers, tensorstore's) keeps freed blocks for reuse in one place; a fixed
+# mmap threshold instead (freed blocks unmapped) cost 30-60% more time here in page faults
+# (benchmarks/README.md, 2026-12-01).
+MALLOC_ARENAS = 1
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
-def return_freed_blocks() -> bool:
-    """Make this process's large buffers (>= MMAP_THRESHOLD_BYTES) go back to the system when
-    freed (glibc ``mallopt``); False where that is not available (another libc)."""
+def limit_malloc_arenas() -> bool:
+    """Have threads started from now on share MALLOC_ARENAS malloc arenas (glibc ``mallopt``),
+    so that freed large buffers are reused instead of held per thread; False elsewhere."""
     import ctypes
     import ctypes.util
 
@@ -226,7 +227,7 @@ def return_freed_blocks() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
 
 
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
