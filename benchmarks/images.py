@@ -12,7 +12,7 @@ Builds, if absent, under DIR/n{N}_s{S}/ (default DIR benchmarks/data/images/):
   +-32 grey levels over part of the image (zstd-1 packs it ~1.3x, about what it does for
   photos; JPEG q95 ~50 kB). Written in 100-image blocks.
 - ``subj01/roi/nsdgeneral.zarr``: ROI betas S x 750 trials x 15724 int16 (default S = 40, the
-  subj01 size), built like ``benchmarks/loader.py`` with the ROI default codec (blosc-lz4),
+  subj01 size), built like ``benchmarks/loader.py`` with the ROI default codec (raw),
   ``betas.h5`` its contiguous HDF5 twin (what hand-written loaders read), and
   ``subj01/trials.tsv`` from the demo design with each nsd_id mapped into 0..N-1.
 - ``jpeg_425.tar`` and ``jpeg_224.tar``: WebDataset-style tars (``{nsd_id:06d}.jpg``), JPEG
@@ -704,7 +704,7 @@ def main() -> None:
     import h5py
     import zarr
 
-    from nsdzarr.prepare.storage import STIMULI_STORAGE
+    from nsdzarr.prepare.storage import STIMULI_STORAGE, roi_settings
 
     assert STIMULI_STORAGE.codec == "none", "update the naive/default codec in this script"
     n, raw_mb = args.images, args.images * IMAGE_BYTES / MB
@@ -778,7 +778,8 @@ def main() -> None:
     print()
     print(
         f"{n} images {SIDE}x{SIDE}x3 uint8 ({raw_mb:,.0f} MB), imgBrick chunks {chunks}, "
-        f"uncompressed; ROI betas {args.sessions * PER_SESSION} x {N_VOX} int16 (blosc-lz4); "
+        f"uncompressed; ROI betas {args.sessions * PER_SESSION} x {N_VOX} int16 "
+        f"({roi_settings().codec}, the ROI default); "
         f"page cache warm; best of {args.rounds} rounds; zarr {zarr.__version__}, h5py "
         f"{h5py.__version__}; {machine()}"
     )
