@@ -12,7 +12,7 @@ Builds, if absent, under DIR/n{N}_s{S}/ (default DIR benchmarks/data/images/):
   +-32 grey levels over part of the image (zstd-1 packs it ~1.3x, about what it does for
   photos; JPEG q95 ~50 kB). Written in 100-image blocks.
 - ``subj01/roi/nsdgeneral.zarr``: ROI betas S x 750 trials x 15724 int16 (default S = 40, the
-  subj01 size), built like ``benchmarks/loader.py`` with the ROI default codec (blosc-lz4),
+  subj01 size), built like ``benchmarks/loader.py`` with the ROI default codec (raw),
   ``betas.h5`` its contiguous HDF5 twin (what hand-written loaders read), and
   ``subj01/trials.tsv`` from the demo design with each nsd_id mapped into 0..N-1.
 - ``jpeg_425.tar`` and ``jpeg_224.tar``: WebDataset-style tars (``{nsd_id:06d}.jpg``), JPEG
@@ -211,6 +211,27 @@ def warm_cache(paths: list[Path]) -> None:
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
+
+
+def resident(paths: list[Path]) -> str:
+    """How much of ``paths`` the page cache holds now (util-linux ``fincore``), e.g. to show
+    that read figures come from memory and not from the disk."""
+    import shutil
+
+    files = [str(f) for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    files = [f for f in files if os.path.isfile(f)]
+    if not shutil.which("fincore") or not files:
+        return "page cache residency unknown (no fincore)"
+    res = size = 0
+    for a in range(0, len(files), 500):
+        out = subprocess.run(
+            ["fincore", "-b", "-n", "-r", "-o", "RES,SIZE", *files[a : a + 500]],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        res += sum(int(v) for v in out[0::2])
+        size += sum(int(v) for v in out[1::2])
+    return f"{res / MB:,.0f} of {size / MB:,.0f} MB in the page cache ({100 * res / size:.1f}%)"
 
 
 def trial_nsd_ids(data: Path) -> np.ndarray:
@@ -498,8 +519,10 @@ def read_all(data: Path, n_images: int, rounds: int, seconds: float, batches: in
     store = data / "stores" / "none-224.zarr"
     nsd_id = trial_nsd_ids(data)
     n_trials = len(nsd_id)
-    warm_cache([roi, store, data / "betas.h5", data / "nsd_stimuli.hdf5"])
-    warm_cache([data / "jpeg_425.tar", data / "jpeg_224.tar"])
+    cached = [roi, store, data / "betas.h5", data / "nsd_stimuli.hdf5"]
+    cached += [data / "jpeg_425.tar", data / "jpeg_224.tar"]
+    warm_cache(cached)
+    print(f"  read inputs warmed: {resident(cached)}", flush=True)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, n_trials, (300, BATCH))
 
@@ -573,7 +596,7 @@ def read_all(data: Path, n_images: int, rounds: int, seconds: float, batches: in
             slow = "JPEG" in name or "webdataset" in name
             v = rate(fn, BATCH, seconds * (2 if slow else 1), len(idx))
             best[name] = max(best.get(name, 0.0), v)
-        print(f"  read round {r + 1}/{rounds} done", flush=True)
+        print(f"  read round {r + 1}/{rounds} done; inputs: {resident(cached)}", flush=True)
 
     # the fancy-index form of the hand-written loader: one batch, it takes seconds
     fancy = H5Pairs(data, None, nsd_id, fancy=True)
@@ -681,7 +704,7 @@ def main() -> None:
     import h5py
     import zarr
 
-    from nsdzarr.prepare.storage import STIMULI_STORAGE
+    from nsdzarr.prepare.storage import STIMULI_STORAGE, roi_settings
 
     assert STIMULI_STORAGE.codec == "none", "update the naive/default codec in this script"
     n, raw_mb = args.images, args.images * IMAGE_BYTES / MB
@@ -755,7 +778,8 @@ def main() -> None:
     print()
     print(
         f"{n} images {SIDE}x{SIDE}x3 uint8 ({raw_mb:,.0f} MB), imgBrick chunks {chunks}, "
-        f"uncompressed; ROI betas {args.sessions * PER_SESSION} x {N_VOX} int16 (blosc-lz4); "
+        f"uncompressed; ROI betas {args.sessions * PER_SESSION} x {N_VOX} int16 "
+        f"({roi_settings().codec}, the ROI default); "
         f"page cache warm; best of {args.rounds} rounds; zarr {zarr.__version__}, h5py "
         f"{h5py.__version__}; {machine()}"
     )

@@ -109,6 +109,14 @@ def test_optional_imports_are_extras():
         assert DISTRIBUTIONS.get(module, module) in {requirement_name(d) for d in extras[extra]}
 
 
+def test_the_conda_env_has_the_verify_extra():
+    """Workflow jobs run in the conda env: it brings the independent read-back (tensorstore)
+    and the fast checksums (crc32c), not only their fallbacks."""
+    verify = {requirement_name(d) for d in pyproject()["optional-dependencies"]["verify"]}
+    assert verify == {"tensorstore", "crc32c"}
+    assert verify <= conda_packages(), f"envs/nsdzarr.yaml lacks {verify - conda_packages()}"
+
+
 def test_the_conda_env_installs_the_package_itself():
     """--sdm conda: pip and setuptools in the env, and the post-deploy script that Snakemake runs
     beside an env file installs the checkout (tests/test_install.py runs it)."""

@@ -264,6 +264,30 @@ def test_verification_reads_back_independently_and_names_the_image(
     assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
 
 
+@pytest.mark.parametrize("reader", READERS)
+def test_a_valid_but_wrong_image_on_disk_is_named(tmp_path: Path, monkeypatch, reader: str):
+    """A shard that reads back cleanly (its checksums written for the wrong bytes, as a writer
+    bug would) but holds one wrong pixel fails the store at that image."""
+    data = source_images(20, 7, 5)
+    src = write_brick(tmp_path / "stim.hdf5", data)
+    store = tmp_path / "stim.zarr"
+    real = ShardIO.write
+
+    def write(io: ShardIO, t0: int, block: np.ndarray) -> None:
+        if t0 == 8 and io.arr.path == "images":
+            block = block.copy()
+            block[3, 6, 4, 2] ^= 1  # row 11: nsd_id 13
+        real(io, t0, block)
+
+    monkeypatch.setattr(ShardIO, "write", write)
+    settings = StimuliStorage(images_per_shard=8)
+    with pytest.raises(
+        VerificationError, match=r"'images' differs from its source at nsd_id 13 \(row 11\)"
+    ):
+        convert_stimuli(src, store, nsd_ids=np.arange(2, 20), settings=settings, reader=reader)
+    assert not store.exists() and not list(tmp_path.glob(".stim.zarr*"))
+
+
 def test_a_shard_written_again_after_its_check_fails_the_store(tmp_path: Path, monkeypatch):
     data = source_images(20, 7, 5)
     src = write_brick(tmp_path / "stim.hdf5", data)
@@ -401,7 +425,10 @@ def test_memory_stays_bounded_on_a_brick_bigger_than_the_budget(tmp_path: Path):
         d = f.create_dataset("imgBrick", (n, h, w, 3), np.uint8, chunks=(10, h, w, 3))
         for s in range(0, n, 100):
             d[s : s + 100] = source_images(100, h, w, seed=s)
-    budget, per_shard = 32 << 20, 16
+    # 64-image shards (17 MB): glibc's dynamic mmap threshold would serve them from per-thread
+    # arenas that keep freed shards (peaks 100-250 MB over the model) unless
+    # memory.limit_malloc_arenas has made the threads share one
+    budget, per_shard = 32 << 20, 64
 
     def peak_converting(count: int) -> int:
         code = f"""
@@ -423,11 +450,11 @@ print(json.dumps([r["n_images"], int(hwm.split()[1]) * 1024]))
         assert peak <= stimuli_peak((n, h, w, 3), count, per_shard, (64,), budget, 10), peak
         return peak
 
-    # Converting twice the images (189 MB more) costs at most a few MB more: the peak is the
+    # Converting twice the images (189 MB more) costs at most ~a shard more: the peak is the
     # budget and the shards in flight, never the brick. (A fixed import baseline of ~90-130 MB
     # depending on the libraries installed makes a single peak-vs-brick ratio meaningless.)
     half, full = peak_converting(n // 2), peak_converting(n)
-    assert full - half < 0.05 * (n // 2) * h * w * 3, (half, full)
+    assert full - half < 0.15 * (n // 2) * h * w * 3, (half, full)
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])
@@ -459,10 +486,10 @@ def test_estimate_predicts_the_store_it_describes(tmp_path: Path, codec: str):
 def test_estimate_fits_a_ceiling_by_reading_smaller_blocks():
     meta = {"path": "nsd_stimuli.hdf5", "shape": [73000, 425, 425, 3], "chunks": None}
     free = stimuli_estimate(meta, 73000, (224,))
-    capped = stimuli_estimate(meta, 73000, (224,), ceiling_mb=700)
+    capped = stimuli_estimate(meta, 73000, (224,), ceiling_mb=800)
     assert free["jobs"]["stimuli"]["budget_bytes"] == DEFAULT_STIMULI_BUDGET_BYTES
     assert capped["jobs"]["stimuli"]["budget_bytes"] < DEFAULT_STIMULI_BUDGET_BYTES
-    assert capped["jobs"]["stimuli"]["mem_mb"] <= 700 < free["jobs"]["stimuli"]["mem_mb"]
+    assert capped["jobs"]["stimuli"]["mem_mb"] <= 800 < free["jobs"]["stimuli"]["mem_mb"]
     assert free["raw_bytes"] == 73000 * 425 * 425 * 3
     assert free["store_files"] == 2 * 1460 + 7
     with pytest.raises(InputError, match=r"nsd_stimuli\.hdf5: memory\.ceiling_mb 400 is below"):

@@ -247,14 +247,42 @@ def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
     return BASELINE_BYTES + 3 * n_trials * SURFACE_SAMPLE_VERTICES * itemsize
 
 
+# glibc gives each new thread its own malloc arena (up to 8 per core), and shard-sized blocks
+# freed there stay in it: converting 425 x 425 images in 50-image (26 MB) shards peaked at
+# 574-679 MB against 349 predicted (MALLOC_ARENA_MAX=1: 348). One arena for the threads made
+# after this (the writers, tensorstore's) keeps freed blocks for reuse in one place; a fixed
+# mmap threshold instead (freed blocks unmapped) cost 30-60% more time here in page faults
+# (benchmarks/README.md, 2026-12-01).
+MALLOC_ARENAS = 1
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_malloc_arenas() -> bool:
+    """Have threads started from now on share MALLOC_ARENAS malloc arenas (glibc ``mallopt``),
+    so that freed large buffers are reused instead of held per thread; False elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
+
+
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
 # least one chunk of the file), and this many shards are encoded at once beside the one filling.
 DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB
 STIMULI_SHARDS_IN_FLIGHT = 2
 # Bytes held per in-flight shard byte while it is encoded and written (the stimulus analogue of
-# SHARD_WORK_FACTOR), fitted on 2,000 425 x 425 images (benchmarks/stimuli.py): our raw and zstd
-# shard writer copies little; zarr-python (Blosc) holds chunk buffers and the assembled shard.
-STIMULI_SHARD_WORK = {"none": 0.9, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
+# SHARD_WORK_FACTOR). "none": zarr-python's writer holds each chunk with its crc32c and the
+# assembled shard, ~2 copies: peak VmHWM over 800 425 x 425 images at 25/50/100/200 images per
+# shard grew 8.34 bytes per shard byte = 4 + 2 x 2.17 (2026-12-01, benchmarks/README.md; the
+# 0.9 before was fitted on our own shard writer, removed). The others: fitted on 2,000 images
+# (benchmarks/stimuli.py), zstd with that writer, Blosc with zarr-python.
+STIMULI_SHARD_WORK = {"none": 2.2, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
 
 
 def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None) -> int:

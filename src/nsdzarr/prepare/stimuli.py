@@ -36,6 +36,7 @@ from nsdzarr.prepare.hdf5_open import open_hdf5
 from nsdzarr.prepare.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
+    limit_malloc_arenas,
     stimuli_block_rows,
     stimuli_peak,
 )
@@ -242,7 +243,8 @@ def _write_shard(
             row = _first_unreadable(backs[name], start, len(rows))
             done.bad = (name, row, f"unreadable ({type(err).__name__}: {err})")
             return done
-        if got.shape != rows.shape or not np.array_equal(got, rows):
+        # each image's crc32c against its source row's (no shard-sized temporary, GIL free)
+        if got.shape != rows.shape or not np.array_equal(image_checksums(got), done.sums[name]):
             diff = [j for j in range(len(rows)) if not np.array_equal(got[j], rows[j])]
             done.bad = (name, diff[0] if diff else 0, "differs from its source")
             return done
@@ -274,6 +276,7 @@ def convert_stimuli(
     if any(s < 1 for s in sizes):
         raise InputError(source, f"resize sizes must be positive, got {sizes}")
     remove_stale_temporaries(target)
+    limit_malloc_arenas()  # else freed shard buffers stay in each thread's malloc arena
     with open_stimuli(source) as dset:
         n_rows, h, w, c = dset.shape
         ids = select_ids(source, nsd_ids, n_rows)
@@ -306,14 +309,16 @@ def convert_stimuli(
             backs = {name: ReadBack(Path(tmp) / name, verified_by) for name in arrays}
             sums = {name: np.zeros(n, np.uint32) for name in arrays}
             files: dict[str, tuple[int, int, int]] = {}
-            pending: deque[tuple[int, Future[_Checked]]] = deque()
+            pending: deque[tuple[int, Future[_Checked], np.ndarray]] = deque()
+            spare: list[np.ndarray] = []  # shard buffers written and checked: reused
             verify_s = 0.0
 
             def collect(limit: int) -> None:
                 nonlocal verify_s
                 while len(pending) > limit:
-                    start, fut = pending.popleft()
+                    start, fut, used = pending.popleft()
                     done = fut.result()
+                    spare.append(used)
                     if done.bad is not None:
                         name, row, why = done.bad
                         raise VerificationError(
@@ -357,15 +362,15 @@ def convert_stimuli(
                     pos += take
                     if filled == shard_rows or written + filled == n:
                         block = shard[:filled]
-                        pending.append(
-                            (written, pool.submit(_write_shard, ios, backs, sizes, written, block))
-                        )
+                        fut = pool.submit(_write_shard, ios, backs, sizes, written, block)
+                        pending.append((written, fut, shard))
                         written += filled
                         filled = 0
-                        shard = np.empty((shard_rows, h, w, c), np.uint8)
                         collect(STIMULI_SHARDS_IN_FLIGHT)
+                        shard = spare.pop() if spare else np.empty_like(shard)
             del buf, rows, shard
             collect(0)
+            spare.clear()
             for path, state in files.items():  # each shard was checked once written
                 if file_state(path) != state:
                     raise VerificationError(target, f"{path} was written again after its check")
