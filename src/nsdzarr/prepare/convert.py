@@ -19,7 +19,7 @@ from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
-from nsdzarr.prepare.memory import ConversionPlan, plan_conversion
+from nsdzarr.prepare.memory import ConversionPlan, limit_malloc_arenas, plan_conversion
 from nsdzarr.prepare.storage import (
     SCRATCH_COMPRESSOR,
     StorageSettings,
@@ -190,6 +190,7 @@ def convert_session(
     bounds Zarr's encoding threads. A surface session (``[lh, rh]`` files) goes to
     :func:`nsdzarr.prepare.surface_convert.convert_surface_session`.
     """
+    limit_malloc_arenas()  # else freed shard buffers stay in each thread's malloc arena
     if is_surface_source(source):
         from nsdzarr.prepare.surface_convert import convert_surface_session
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nsdzarr.errors import NsdzarrError, output_error
+from nsdzarr.prepare.memory import limit_malloc_arenas
 
 log = logging.getLogger("nsdzarr")
 
@@ -56,6 +57,7 @@ def run_job(
         force=True,
     )
     _test_delay()
+    limit_malloc_arenas()  # every job's peak within its model, whatever its threads did
     start = time.perf_counter()
     try:
         result = func(*args, **kwargs)
