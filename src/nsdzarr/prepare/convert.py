@@ -19,6 +19,7 @@ from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS
 from nsdzarr.prepare.atomic import atomic_output, remove_stale_temporaries
 from nsdzarr.prepare.hdf5_open import check_finite
 from nsdzarr.prepare.hdf5_read import SessionReader
+from nsdzarr.prepare.jobs import pause_after_shard
 from nsdzarr.prepare.memory import ConversionPlan, limit_malloc_arenas, plan_conversion
 from nsdzarr.prepare.storage import (
     SCRATCH_COMPRESSOR,
@@ -92,6 +93,8 @@ class ShardIO:
 
     def write(self, t0: int, block: np.ndarray) -> None:
         self.arr[t0 : t0 + len(block)] = block
+        shard = self.arr.shards[0]
+        pause_after_shard(t0 // shard + 1, -(-self.arr.shape[0] // shard))
 
     def shard_file(self, t0: int) -> str:
         """The file of the shard holding row ``t0``."""

@@ -6,7 +6,9 @@ written) and an ``OSError`` of a full disk, a quota, a read-only or forbidden fi
 
 For tests of SLURM time limits (which act in whole minutes), ``NSDZARR_JOB_DELAY_S`` in the
 environment makes every job wait until that many seconds after it started (its SLURM job's start,
-or now outside SLURM) before its work.
+or now outside SLURM) before its work. For tests that kill a job mid-write,
+``NSDZARR_SHARD_DELAY_S`` makes every whole-shard write (``convert.ShardIO``: session, surface and
+stimulus stores) log the shard and wait that long after it. Both are for tests only.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def _test_delay() -> None:
     wait = max(0.0, started + delay - time.time())
     log.info("waiting %.0f s (NSDZARR_JOB_DELAY_S=%s)", wait, delay)
     time.sleep(wait)
+
+
+def pause_after_shard(shard: int, shards: int) -> None:
+    """Log shard ``shard`` of ``shards`` written, wait ``NSDZARR_SHARD_DELAY_S`` s (if set)."""
+    delay = float(os.environ.get("NSDZARR_SHARD_DELAY_S") or 0)
+    if delay:
+        log.info("wrote shard %d/%d, waiting %.1f s (NSDZARR_SHARD_DELAY_S)", shard, shards, delay)
+        time.sleep(delay)
 
 
 def run_job(
