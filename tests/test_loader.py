@@ -318,7 +318,8 @@ def raw_copy(store: Path, truth: dict) -> Path:
     return raw
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+# spawn: seconds of worker start-ups (test_dataloader_two_workers keeps one fast)
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_raw_store_through_workers_after_the_parent_mapped_it(
     store: Path, truth: dict, context: str
 ):

@@ -167,7 +167,8 @@ def test_bad_masks_give_one_line_and_no_store(
     assert not target.exists() and not list(target.parent.glob(".*"))
 
 
-@pytest.mark.parametrize("codec", ["zstd", "blosc-lz4"])  # our shard writer, and zarr-python's
+# two codecs, zstd and Blosc (the second in the full suite only: seconds of extraction)
+@pytest.mark.parametrize("codec", ["zstd", pytest.param("blosc-lz4", marks=pytest.mark.slow)])
 def test_a_session_store_gives_the_same_part_as_its_hdf5(
     demo_root: Path, trials_tsv: Path, tmp_path: Path, codec: str
 ):

@@ -210,6 +210,7 @@ def test_torch_distributed_sampler_with_the_dataset(stores, truth):
 # --------------------------------------------------------------------------- subjects
 
 
+@pytest.mark.slow  # spawned workers (test_datamodule.py keeps by-subject batches in the fast lane)
 def test_by_subject_batches_of_two_voxel_counts(stores, truth):
     ds = BetasDataset(stores, split="all")
     assert ds.voxels_per_store == [1022, SMALL_VOXELS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SNAKE_FILES = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
@@ -27,6 +28,7 @@ def test_snakefmt_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # Snakemake parses the whole workflow: ~10 s
 def test_snakemake_lint_is_clean():
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True

@@ -119,7 +119,9 @@ def test_verification_catches_a_changed_shard(tmp_path: Path, monkeypatch) -> No
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.parametrize("space", ["fsaverage", "nativesurface"])
+@pytest.mark.parametrize(
+    "space", ["fsaverage", pytest.param("nativesurface", marks=pytest.mark.slow)]
+)
 def test_roi_store_from_labels(tmp_path: Path, space: str) -> None:
     from nsdzarr.training import BetasDataset
 
