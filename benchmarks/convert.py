@@ -131,6 +131,7 @@ def main() -> None:
                 )
             )
     results = []
+    (HERE / "data").mkdir(exist_ok=True)  # absent in a fresh clone given --source
     with tempfile.TemporaryDirectory(dir=HERE / "data") as tmp:
         for i, (name, body, params) in enumerate(variants):
             best = None
