@@ -184,3 +184,38 @@ def test_a_session_store_gives_the_same_part_as_its_hdf5(
     for name in ("betas", "mean", "std", "voxels"):
         np.testing.assert_array_equal(a[name][...], b[name][...], err_msg=name)
     assert dict(a.attrs) == dict(b.attrs)
+
+
+@pytest.mark.slow  # a 125 MB session and a 60,000-voxel ROI extracted in a job process
+def test_roi_job_peak_stays_within_its_model(trials_tsv: Path, tmp_path: Path):
+    # The job as Snakemake runs it (jobs.run_job: one malloc arena); VmHWM, not ru_maxrss, as
+    # Linux carries the forking parent's peak into ru_maxrss. Rows are 90 MB: one copy more
+    # than the model's two shows, and so does a model over 1.3x the peak (#16).
+    import json
+    import subprocess
+    import sys
+
+    from nsdzarr.prepare import memory
+    from nsdzarr.prepare.demo import write_synthetic_session
+
+    zyx = (40, 52, 40)
+    source = write_synthetic_session(tmp_path / "s.hdf5", zyx)
+    atlas = np.zeros(zyx[::-1], np.int16)
+    atlas.flat[np.random.default_rng(3).choice(atlas.size, 60_000, replace=False)] = 1
+    mask = _write_mask(tmp_path / "m.nii.gz", atlas)
+    code = f"""
+import json
+from nsdzarr.prepare.jobs import peak_rss_bytes, run_job
+from nsdzarr.prepare.roi import extract_session
+from nsdzarr.prepare.storage import ROI_STORAGE
+run_job(None, extract_session, {str(source)!r}, {str(mask)!r}, None, {str(trials_tsv)!r}, 1,
+        {str(tmp_path / "part.zarr")!r}, ROI_STORAGE)
+print(json.dumps(peak_rss_bytes()))
+"""
+    env = {"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    peak = json.loads(out.stdout.splitlines()[-1])
+    shape = (750, *zyx)
+    model = memory.roi_session_peak(shape, 2, 60_000, 50)
+    assert peak <= model <= 1.3 * peak, (peak >> 20, model >> 20)

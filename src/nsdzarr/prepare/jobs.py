@@ -52,6 +52,17 @@ def pause_after_shard(shard: int, shards: int) -> None:
         time.sleep(delay)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux VmHWM; ``ru_maxrss`` elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(ln.split()[1]) << 10 for ln in fh if ln.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+
+
 def run_job(
     log_path: str | Path | None, func: Callable[..., Any], /, *args: Any, **kwargs: Any
 ) -> Any:
@@ -80,5 +91,10 @@ def run_job(
             raise
         log.error("%s", failed)
         raise SystemExit(1) from None
-    log.info("%s done in %.2f s", getattr(func, "__name__", "job"), time.perf_counter() - start)
+    log.info(
+        "%s done in %.2f s, peak RSS %d MB",
+        getattr(func, "__name__", "job"),
+        time.perf_counter() - start,
+        peak_rss_bytes() >> 20,
+    )
     return result

@@ -157,9 +157,15 @@ def estimate_peak(shape: tuple[int, ...], itemsize: int) -> int:
     return (
         BASELINE_BYTES
         + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
-        + min(READ_BUFFER_BYTES, SAMPLE_PLANES * plane)
+        + min(READ_BUFFER_BYTES, plane)  # the planes are read one at a time
         + (SAMPLE_PLANES + 1) * plane
     )
+
+
+# Copies of an ROI's (trials, voxels) rows alive at once (roi_session_peak); fitted with
+# limit_malloc_arenas at 1.8 mm real size, 100-200,000 voxels: model / VmHWM 1.04-1.30 from the
+# HDF5, 1.06-1.53 from the store (benchmarks/README.md, 2026-12-01).
+ROI_ROW_COPIES = 2
 
 
 def roi_session_peak(
@@ -190,7 +196,10 @@ def roi_session_peak(
         BASELINE_BYTES
         + reading
         + voxels * 10  # the atlas as loaded, as int64, and the boolean selection
-        + 3 * rows  # rows as read in file order, in column order, and read back to verify
+        # two copies of the rows at a time: in file order and in column order while reading,
+        # then the rows and their read-back while verifying (with one malloc arena: a third
+        # copy counted before the arena limit was freed memory held by zarr's threads)
+        + ROI_ROW_COPIES * rows
         + STATS_ROWS * n_roi_voxels * 8 * 2  # float64 blocks for the statistics
         + int(SHARD_WORK_FACTOR * min(trials_per_shard, n_trials) * n_roi_voxels * itemsize)
     )
@@ -232,7 +241,7 @@ def surface_roi_peak(
         BASELINE_BYTES
         + 2 * block * itemsize
         + sum(vertices) * 10
-        + 3 * rows
+        + ROI_ROW_COPIES * rows
         + STATS_ROWS * n_columns * 8 * 2
         + int(SHARD_WORK_FACTOR * rows)
     )
