@@ -91,6 +91,11 @@ def read_back_bytes(shard_bytes: int) -> int:
     return reader + int(READ_BACK_SHARDS * SESSION_READ_BACK_FACTOR * shard_bytes)
 
 
+def indexed_bytes(shape: tuple[int, ...]) -> int:
+    """The interpreter with a session's HDF5 chunk index loaded (every session job has both)."""
+    return BASELINE_BYTES + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
+
+
 def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int) -> int:
     """Peak RSS of reading the whole session, then writing it shard by shard, then reading the
     store back (after the session's array is freed)."""
@@ -98,8 +103,7 @@ def in_memory_peak(shape: tuple[int, ...], itemsize: int, trials_per_shard: int)
     # beside about a written shard's worth of kept pages (measured at 1.8 mm: 29 / 63 / 132 MB
     # left after writing 13 / 67 / 200 MB shards); below the whole session's phase but at the
     # smallest sessions
-    verifying = BASELINE_BYTES + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK + shard
-    verifying += read_back_bytes(shard)
+    verifying = indexed_bytes(shape) + shard + read_back_bytes(shard)
     whole = math.prod(shape) * itemsize + _common_bytes(shape, itemsize, trials_per_shard)
     return max(whole, verifying)
 
@@ -114,7 +118,7 @@ def slab_peak(
     plane = shape[0] * math.prod(shape[2:]) * itemsize
     slab = planes_per_slab * plane
     shard = min(trials_per_shard, shape[0]) * voxels * itemsize
-    index = BASELINE_BYTES + voxels * INDEX_BYTES_PER_CHUNK
+    index = indexed_bytes(shape)
     kept = index + SLAB_OVERHEAD_BYTES
     building_index = BASELINE_BYTES + voxels * INDEX_BUILD_BYTES_PER_CHUNK
     reading = index + min(READ_BUFFER_BYTES, slab) + int(SLAB_READ_FACTOR * slab)
@@ -155,8 +159,7 @@ def estimate_peak(shape: tuple[int, ...], itemsize: int) -> int:
     """Peak RSS of the estimate job: interpreter, chunk index, read buffer, sampled planes."""
     plane = shape[0] * math.prod(shape[2:]) * itemsize
     return (
-        BASELINE_BYTES
-        + math.prod(shape[1:]) * INDEX_BYTES_PER_CHUNK
+        indexed_bytes(shape)
         + min(READ_BUFFER_BYTES, plane)  # the planes are read one at a time
         + (SAMPLE_PLANES + 1) * plane
     )
@@ -264,6 +267,7 @@ def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
 # (benchmarks/README.md, 2026-12-01).
 MALLOC_ARENAS = 1
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+_ARENAS_LIMITED: bool | None = None
 
 
 def limit_malloc_arenas() -> bool:
@@ -272,13 +276,16 @@ def limit_malloc_arenas() -> bool:
     import ctypes
     import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
+    global _ARENAS_LIMITED
+    if _ARENAS_LIMITED is None:  # once per process: job, convert and library calls share it
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _ARENAS_LIMITED = False
+        else:
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            _ARENAS_LIMITED = mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
+    return _ARENAS_LIMITED
 
 
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at
