@@ -130,6 +130,29 @@ def test_reliability_blocks_give_the_same_value():
     np.testing.assert_allclose(blocked, expected, atol=1e-6)
 
 
+def test_reliability_memory_stays_at_a_few_blocks_whatever_the_roi(tmp_path: Path):
+    # A 1 mm nsdgeneral has ~100,000 voxels: blocks are sized in bytes, not in pairs (256
+    # pairs of such rows held 1.4 GB on the submitting host, where the QC rules run).
+    import tracemalloc
+
+    from nsdzarr.prepare.qc import PAIR_BLOCK_BYTES
+
+    n_voxels, n_pairs = 100_000, 600
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(n_voxels)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        return row[None] * (1 + rows[:, None] % 7)  # float64, fresh each call like a store read
+
+    tracemalloc.start()
+    r = pair_correlation(read, np.arange(n_pairs), np.arange(n_pairs, 2 * n_pairs), n_voxels)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert r.shape == (n_voxels,)
+    sums = 5 * n_voxels * 8
+    assert peak <= sums + 12 * PAIR_BLOCK_BYTES, peak >> 20
+
+
 def test_too_few_images_give_nan_not_a_number():
     data = np.arange(8.0).reshape(4, 2)
     r = pair_correlation(lambda rows: data[rows], np.array([0, 1]), np.array([2, 3]), 2)

@@ -17,8 +17,9 @@ from nsdzarr.outputs import SESSION_ESTIMATE_FILE
 from nsdzarr.prepare.figures import new_figure, no_data, save_png
 from nsdzarr.prepare.memory import MB
 
-# Pairs of presentations read per block: memory stays at a few blocks of rows per ROI.
-PAIR_BLOCK = 256
+# Float64 bytes of one block of pairs' rows: memory stays at a few such blocks per ROI (~10:
+# the rows, their z-scored copies and products), whatever the ROI's voxels or images.
+PAIR_BLOCK_BYTES = 16 * MB
 # Fewer images than this and a per-voxel correlation is not reported (NaN).
 MIN_IMAGES = 3
 ENGINE_FILES = {".snakemake_timestamp"}
@@ -198,18 +199,20 @@ def repeat_pairs(trials_tsv: StrPath, sessions: list[int]) -> tuple[np.ndarray, 
 
 
 def pair_correlation(
-    read: Any, first: np.ndarray, second: np.ndarray, n_voxels: int, block: int = PAIR_BLOCK
+    read: Any, first: np.ndarray, second: np.ndarray, n_voxels: int, block: int | None = None
 ) -> np.ndarray:
     """Per voxel, Pearson r across pairs between ``read(first rows)`` and ``read(second rows)``.
 
     ``read(rows)`` returns a ``(len(rows), n_voxels)`` array. Sums run in float64 over
-    blocks of pairs, so memory stays at a block whatever the count. NaN where r is undefined
+    blocks of pairs (``block`` pairs, by default ``PAIR_BLOCK_BYTES`` of rows), so memory stays
+    at a few blocks whatever the count. NaN where r is undefined
     (fewer than ``MIN_IMAGES`` pairs, or a voxel constant over them).
     """
     n = len(first)
     if n < MIN_IMAGES:
         return np.full(n_voxels, np.nan, np.float32)
     sums = np.zeros((5, n_voxels), np.float64)  # x, y, xx, yy, xy
+    block = block or max(1, PAIR_BLOCK_BYTES // (8 * max(n_voxels, 1)))
     for start in range(0, n, block):
         x = np.asarray(read(first[start : start + block]), np.float64)
         y = np.asarray(read(second[start : start + block]), np.float64)
