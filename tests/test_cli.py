@@ -304,6 +304,45 @@ def test_plan_without_a_download_uses_the_release_facts():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("space", ["nativesurface", "fsaverage"])
+def test_plan_of_a_surface_space_matches_the_workflow_estimates(tmp_path: Path, space: str):
+    """`nsdzarr plan --space nativesurface|fsaverage` on the demo's surface files: the rows the
+    estimate jobs would write (sizes, strategy, mem_mb), from the files' headers."""
+    from nsdzarr.prepare.demo import write_demo
+
+    root = tmp_path / "nsd"
+    spec = DemoSpec(space=space)
+    write_demo(root, spec)
+    args = ["plan", "--nsd-root", root, "--subjects", "subj01", "--space", space, "--json"]
+    proc = nsdzarr(*args, "--sample", "--roi", "V1=prf-visualrois.mgz:1,2")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    labels = [
+        str(p) for p in layout.surface_label_paths(root, "subj01", space, "prf-visualrois.mgz")
+    ]
+    assert [r["session"] for r in plan["sessions"]] == list(SESSIONS)
+    for row in plan["sessions"]:
+        paths = layout.surface_betas_paths(root, "subj01", space, spec.beta_version, row["session"])
+        est = write_session_estimate(
+            [str(p) for p in paths], tmp_path / "e.json", StorageSettings(), 16000, 1.0,
+            {"V1": (labels, [1, 2])},
+        )  # fmt: skip
+        for key in ("raw_bytes", "store_bytes", "store_files", "compression_ratio"):
+            assert row[key] == est[key], key
+        assert row["hemispheres"] == est["source"]["hemispheres"]
+        assert row["jobs"]["convert"] == est["jobs"]["convert"]
+        assert row["jobs"]["roi_session/V1"] == est["jobs"]["roi_session/V1"]
+        assert row["jobs"]["estimate"]["mem_mb"] == estimate_job_mem_mb(paths, 1.0, 1, 16000)
+    strategy = "whole-hemisphere" if space == "nativesurface" else "stream"
+    assert plan["sessions"][0]["jobs"]["convert"]["strategy"] == strategy
+    table = nsdzarr(*args[:-1])
+    assert table.returncode == 0 and re.search(rf"^subj01\s+1\s.*\s{strategy}$", table.stdout, re.M)
+    assert f"{space} {spec.beta_version}; compression ratio 1.0" in table.stdout
+    facts = nsdzarr("plan", "--subjects", "subj01", "--space", space)
+    assert facts.returncode == 1 and "give --nsd-root" in facts.stderr
+
+
+@pytest.mark.slow
 def test_verify_passes_what_the_demo_workflow_wrote(demo_run: Path):
     proc = nsdzarr("verify", demo_run / "results")
     assert proc.returncode == 0, proc.stdout + proc.stderr

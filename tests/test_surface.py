@@ -331,3 +331,111 @@ def test_hdf5_with_vertices_first(tmp_path: Path) -> None:
         convert_session([lh, rh], tmp_path / "s.zarr")
     assert str(err.value) == f"{rh}: 185 trials, expected 750 (trials must be the first h5py axis)"
     assert not (tmp_path / "s.zarr").exists()
+
+
+def write_vertex_chunked(folder: Path, counts, k: int, allocate: bool = True) -> list[Path]:
+    """``{lh,rh}.betas_session01.hdf5`` int16 ``(750, n)`` chunked ``(750, k)`` (``allocate``
+    False: no chunk written, the file reads as zeros)."""
+    paths = layout.surface_betas_paths(folder, "subj01", "nativesurface", VERSION, 1)
+    rng = np.random.default_rng(7)
+    for path, n in zip(paths, counts, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(path, "w") as f:
+            d = f.create_dataset("betas", (750, n), np.int16, chunks=(750, k))
+            for v0 in range(0, n if allocate else 0, 8192):
+                v1 = min(v0 + 8192, n)
+                d[:, v0:v1] = (rng.standard_normal((750, v1 - v0)) * 600).astype(np.int16)
+    return paths
+
+
+def test_scratch_path_equals_source(tmp_path: Path) -> None:
+    """The bounded path (vertex blocks -> scratch store -> trial shards) is lossless, over
+    several vertex blocks and a last partial chunk, and leaves no scratch behind."""
+    from nsdzarr.prepare.memory import surface_vertex_block
+
+    paths = write_vertex_chunked(tmp_path, (6000, 3001), 7)
+    assert surface_vertex_block(750, 2, 7) < 3001  # several vertex blocks per hemisphere
+    target = tmp_path / "s.zarr"
+    report = convert_session(
+        paths, target, StorageSettings(trials_per_shard=40), strategy="scratch"
+    )
+    assert report.strategy == "scratch"
+    group = zarr.open_group(target, mode="r")
+    for hemi, path in zip(layout.HEMISPHERES, paths, strict=True):
+        assert np.array_equal(group[hemi][...], source_rows(path))
+        assert group[hemi].shards == (40, group[hemi].shape[1])
+    assert not [p for p in tmp_path.rglob("*") if "rechunk" in p.name]
+    from nsdzarr.prepare.check import check_store
+
+    assert check_store(target) == []  # the checksums are the source's, trial by trial
+
+
+def test_estimate_picks_the_surface_strategy_by_ceiling(tmp_path: Path) -> None:
+    """Below the whole hemisphere's request the estimate plans the scratch path (and the job's
+    budget from it makes the convert choose it too); below that path's own, it refuses."""
+    from nsdzarr.prepare.memory import budget_bytes
+    from nsdzarr.prepare.surface import open_session
+    from nsdzarr.prepare.surface_convert import surface_plan
+
+    paths = write_vertex_chunked(tmp_path, (150_000, 1000), 4, allocate=False)
+    free = write_session_estimate(paths, tmp_path / "e0.json", StorageSettings())
+    whole_mb = free["jobs"]["convert"]["mem_mb"]
+    assert free["jobs"]["convert"]["strategy"] == "whole-hemisphere"
+    with open_session(paths) as session:
+        meta = session.metadata()
+    scratch_mb = whole_mb - 100
+    for ceiling, want in ((whole_mb, "whole-hemisphere"), (scratch_mb, "scratch")):
+        target = tmp_path / f"e{ceiling}.json"
+        est = write_session_estimate(paths, target, StorageSettings(), ceiling_mb=ceiling)
+        conv = est["jobs"]["convert"]
+        assert conv["strategy"] == want and conv["mem_mb"] <= ceiling
+        assert conv["in_memory_peak_bytes"] == free["jobs"]["convert"]["peak_bytes"]
+        job_budget = budget_bytes(job_mem_mb(target, "convert"))
+        assert surface_plan(meta, 50, job_budget).strategy == want
+    need = write_session_estimate(
+        paths, tmp_path / "e.json", StorageSettings(), ceiling_mb=scratch_mb
+    )
+    need_mb = need["jobs"]["convert"]["mem_mb"]
+    with pytest.raises(InputError) as err:
+        write_session_estimate(
+            paths, tmp_path / "e2.json", StorageSettings(), ceiling_mb=need_mb - 1
+        )
+    assert str(err.value).startswith(
+        f"{paths[0]}: memory.ceiling_mb {need_mb - 1} is below the {need_mb} MB"
+    )
+    assert "\n" not in str(err.value)
+
+
+PEAK_RUN = """
+import json, sys
+from nsdzarr.prepare.convert import convert_session
+report = convert_session(sys.argv[1:3], sys.argv[3], strategy=sys.argv[4])
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps([report.strategy, report.predicted_peak_bytes, int(hwm.split()[1]) * 1024]))
+"""
+
+
+@pytest.mark.slow
+def test_scratch_path_peak_rss(tmp_path: Path) -> None:
+    """Measured in a fresh process: the scratch path's peak RSS stays within its model and
+    well below the whole-hemisphere path's (a 225 MB hemisphere)."""
+    import subprocess
+    import sys
+
+    paths = write_vertex_chunked(tmp_path, (150_000, 1000), 4)
+    peaks = {}
+    for strategy in ("whole-hemisphere", "scratch"):
+        target = tmp_path / f"{strategy}.zarr"
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RUN, *map(str, paths), str(target), strategy],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        got, predicted, measured = json.loads(out.stdout.splitlines()[-1])
+        assert got == strategy and measured <= predicted
+        peaks[strategy] = measured
+        if strategy == "scratch":
+            group = zarr.open_group(target, mode="r")
+            for hemi, path in zip(layout.HEMISPHERES, paths, strict=True):
+                assert np.array_equal(group[hemi][...], source_rows(path))
+    hemisphere = 750 * 150_000 * 2
+    assert peaks["scratch"] < peaks["whole-hemisphere"] - hemisphere // 2

@@ -144,7 +144,12 @@ def parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--nsd-root", type=Path, help="the release folder (default: NSD facts)")
     plan.add_argument("--subjects", nargs="+", required=True, metavar="SUBJ", help="e.g. subj01")
-    plan.add_argument("--space", default="func1pt8mm", choices=["func1pt8mm", "func1mm"])
+    plan.add_argument(
+        "--space",
+        default="func1pt8mm",
+        choices=["func1pt8mm", "func1mm", "nativesurface", "fsaverage"],
+        help="surface spaces need --nsd-root (sizes from the files' headers)",
+    )
     plan.add_argument("--beta-version", default=DEFAULT_BETA_VERSION)
     plan.add_argument(
         "--sessions", nargs="+", default=["all"], metavar="N", help="'all' (default) or numbers"
@@ -158,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         type=_roi_spec,
         metavar="NAME=FILE[:LABELS]",
-        help="an ROI store to plan, e.g. V1=prf-visualrois.nii.gz:1,2 (repeatable)",
+        help="an ROI store to plan, e.g. V1=prf-visualrois.nii.gz:1,2 (surfaces: NAME.mgz); "
+        "repeatable",
     )
     plan.add_argument(
         "--sample",

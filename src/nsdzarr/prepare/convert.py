@@ -189,15 +189,18 @@ def convert_session(
     """Convert ``source`` (``/betas``, ``(T, Z, Y, X)``) into the Zarr group ``target``.
 
     The store is built beside the target and renamed only once verified; ``strategy`` forces
-    ``"in-memory"`` or ``"slabs"`` instead of choosing by ``memory_budget_bytes``; ``threads``
-    bounds Zarr's encoding threads. A surface session (``[lh, rh]`` files) goes to
+    ``"in-memory"`` or ``"slabs"`` (surfaces: ``"whole-hemisphere"`` or ``"scratch"``) instead
+    of choosing by ``memory_budget_bytes``; ``threads`` bounds Zarr's encoding threads. A
+    surface session (``[lh, rh]`` files) goes to
     :func:`nsdzarr.prepare.surface_convert.convert_surface_session`.
     """
     limit_malloc_arenas()  # else freed shard buffers stay in each thread's malloc arena
     if is_surface_source(source):
         from nsdzarr.prepare.surface_convert import convert_surface_session
 
-        return convert_surface_session(source, target, settings, memory_budget_bytes, threads)
+        return convert_surface_session(
+            source, target, settings, memory_budget_bytes, threads, scratch_dir, strategy
+        )
     source, target = Path(source), Path(target)
     settings = settings or StorageSettings()
     remove_stale_temporaries(target)

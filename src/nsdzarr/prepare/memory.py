@@ -67,7 +67,7 @@ STATS_ROWS = 64
 class ConversionPlan:
     """How one session is converted and what that costs at peak."""
 
-    strategy: str  # "in-memory" | "slabs"
+    strategy: str  # "in-memory" | "slabs"; surfaces: "stream" | "whole-hemisphere" | "scratch"
     planes_per_slab: int
     peak_bytes: int
 
@@ -215,23 +215,80 @@ SURFACE_HDF5_BLOCK_BYTES = 4 * MB
 HDF5_SELECTION_BYTES_PER_CHUNK = 14 * 1024
 
 
+def surface_vertex_block(
+    n_trials: int, itemsize: int, chunk_vertices: int, block_bytes: int = SURFACE_HDF5_BLOCK_BYTES
+) -> int:
+    """Vertices per read of a file whose chunks span every trial (``chunk_vertices`` each):
+    whole chunks, about ``block_bytes``."""
+    return chunk_vertices * max(1, block_bytes // (n_trials * chunk_vertices * itemsize))
+
+
 def surface_convert_peak(
     n_trials: int,
     vertices: tuple[int, ...] | list[int],
     itemsize: int,
     trials_per_shard: int,
-    whole_hemisphere: bool,
+    strategy: str,
+    chunk_vertices: int = 1,
 ) -> int:
-    """Peak RSS of converting a surface session one hemisphere at a time (surface.py): a shard
-    as read (file order), transposed, encoded and read back; plus the whole hemisphere when
-    the file's chunks span every trial (it is read in vertex blocks, then written by shards)."""
+    """Peak RSS of converting a surface session one hemisphere at a time (surface_convert.py),
+    the largest of writing its shards and reading the store back.
+
+    ``stream`` (trial blocks): a shard as read (file order), transposed and encoded.
+    ``whole-hemisphere`` (chunks span every trial): the hemisphere held, read in vertex blocks,
+    then written by shards. ``scratch``: vertex blocks into a scratch store chunked
+    ``(trials_per_shard, vertex block)``, then rewritten shard by shard, as :func:`slab_peak`.
+    """
     largest = max(vertices)
     shard = min(trials_per_shard, n_trials) * largest * itemsize
-    held = 0
-    if whole_hemisphere:  # the hemisphere, one vertex block and HDF5's selection of its chunks
-        held = n_trials * largest * itemsize + SURFACE_HDF5_BLOCK_BYTES
-        held += SURFACE_HDF5_BLOCK_BYTES // (n_trials * itemsize) * HDF5_SELECTION_BYTES_PER_CHUNK
-    return BASELINE_BYTES + held + int((2 + SHARD_WORK_FACTOR) * shard) + n_trials * 8
+    base = BASELINE_BYTES + n_trials * 8  # and the per-trial checksums
+    if strategy == "stream":
+        writing = base + int((2 + SHARD_WORK_FACTOR) * shard)
+        return max(writing, base + shard + read_back_bytes(shard))
+    step = min(largest, surface_vertex_block(n_trials, itemsize, chunk_vertices))
+    block = n_trials * step * itemsize
+    # one vertex block as read and HDF5's selection of its chunks
+    reading = block + -(-step // chunk_vertices) * HDF5_SELECTION_BYTES_PER_CHUNK
+    if strategy == "whole-hemisphere":
+        writing = base + n_trials * largest * itemsize + reading
+        writing += int((2 + SHARD_WORK_FACTOR) * shard)
+        # after the hemisphere is freed: about a written shard's worth of kept pages
+        return max(writing, base + shard + read_back_bytes(shard))
+    if strategy != "scratch":
+        raise ValueError(f"unknown surface strategy {strategy!r}")
+    # measured at subj01's size (750 x 227,021 int16, (750, 1) chunks, 22.7 MB shards;
+    # benchmarks/README.md): filling 123 MB, rewriting 200 / 266 MB (lh / rh: the second
+    # hemisphere starts from the first's kept pages, as SLAB_OVERHEAD_BYTES counts for slabs),
+    # reading back 219 / 226 MB
+    filling = base + reading + int(SLAB_READ_FACTOR * block)
+    rewriting = base + SLAB_OVERHEAD_BYTES + int(SHARD_REWRITE_FACTOR * shard) + block
+    verifying = base + block + shard + read_back_bytes(shard)
+    return max(filling, rewriting, verifying)
+
+
+def plan_surface_conversion(
+    n_trials: int,
+    vertices: tuple[int, ...] | list[int],
+    itemsize: int,
+    trials_per_shard: int,
+    whole_hemisphere: bool,
+    budget_bytes: int | None,
+    chunk_vertices: int = 1,
+    force: str | None = None,
+) -> ConversionPlan:
+    """``stream`` for trial-chunked files; for chunks spanning every trial the whole hemisphere
+    in memory when it fits the budget (or no budget), else ``scratch`` (its peak is then above
+    the budget only when the estimate refuses the ceiling), or ``force`` (one of these two).
+    ``planes_per_slab`` is 0."""
+    args = (n_trials, vertices, itemsize, trials_per_shard)
+    if not whole_hemisphere:
+        return ConversionPlan("stream", 0, surface_convert_peak(*args, "stream"))
+    if force is not None:
+        return ConversionPlan(force, 0, surface_convert_peak(*args, force, chunk_vertices))
+    whole = surface_convert_peak(*args, "whole-hemisphere", chunk_vertices)
+    if budget_bytes is None or whole <= budget_bytes:
+        return ConversionPlan("whole-hemisphere", 0, whole)
+    return ConversionPlan("scratch", 0, surface_convert_peak(*args, "scratch", chunk_vertices))
 
 
 def surface_roi_peak(

@@ -11,6 +11,10 @@ from nsdzarr.prepare.storage import StorageSettings
 
 # raw / stored of zstd-1 on a real-size synthetic session (benchmarks/README.md, convert.py)
 ASSUMED_COMPRESSION_RATIO = 3.4
+# Surface spaces, unsampled: every vertex is cortex (no zeros outside the brain, as in the
+# volumes), so assume no saving; zstd-1 measured 1.08 on generated fsaverage float32 PSC
+# (benchmarks/README.md, surface.py).
+ASSUMED_SURFACE_COMPRESSION_RATIO = 1.0
 # nsd_stimuli.hdf5: imgBrick, every 73k image at 425 x 425 RGB (its HDF5 chunking unknown)
 STIMULI_SHAPE = (73_000, 425, 425, 3)
 

@@ -25,6 +25,9 @@ from nsdzarr.prepare.memory import estimate_peak, request_mb
 from nsdzarr.prepare.resources import estimate_job_mem_mb
 from nsdzarr.prepare.stimuli import select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage, StorageSettings
+from nsdzarr.prepare.surface import open_session, require_same_vertices
+from nsdzarr.prepare.surface_estimate import first_session_files, sample_ratio, surface_estimate
+from nsdzarr.prepare.surface_roi import count_surface_columns
 
 SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
 
@@ -70,6 +73,39 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sessions": len(rows),
         **{key: sum(r[key] for r in rows) for key in SIZE_KEYS},
         "jobs": jobs,
+    }
+
+
+def _surface_row(
+    root: Path,
+    subject: str,
+    space: str,
+    beta_version: str,
+    session: int,
+    settings: StorageSettings,
+    ceiling_mb: int | None,
+    factor: float,
+    columns: dict[str, int],
+    sample: bool,
+) -> dict[str, Any]:
+    """One surface session's row, as the workflow's estimate job computes it (surface_estimate)."""
+    paths = layout.surface_betas_paths(root, subject, space, beta_version, session)
+    with open_session(paths) as surface:
+        require_same_vertices(surface, first_session_files(paths))
+        meta = surface.metadata()
+        ratio = sample_ratio(surface, settings) if sample else nsd.ASSUMED_SURFACE_COMPRESSION_RATIO
+    est = surface_estimate(meta, settings, ratio, ceiling_mb, factor, columns)
+    return {
+        "subject": subject,
+        "session": session,
+        "source": meta["path"],
+        "shape": meta["shape"],
+        "hemispheres": meta["hemispheres"],
+        "compression_ratio": est["compression_ratio"],
+        **{key: est[key] for key in SIZE_KEYS},
+        # the estimate job's own request, as the workflow makes it (resources.py)
+        "jobs": est["jobs"]
+        | {"estimate": {"mem_mb": estimate_job_mem_mb(paths, factor, 1, ceiling_mb)}},
     }
 
 
@@ -138,8 +174,11 @@ def plan_release(
     ``sessions`` None means every session present; ``rois`` maps a name to (atlas file in the
     subject's roi folder, labels); ``sample`` measures the compression ratio on a few planes
     of each file, as the workflow's estimate job does, instead of assuming the NSD ratio.
-    ``stimuli`` "auto" plans the image store when the release has the stimulus file (always
-    for the NSD facts), "yes" requires it, "no" leaves it out (see :func:`plan_stimuli`).
+    A surface space (``nativesurface``, ``fsaverage``) reads its ``[lh, rh]`` files' headers
+    (``nsd_root`` needed) and plans as the surface estimate job does; its ``rois`` name
+    ``NAME.mgz`` labels. ``stimuli`` "auto" plans the image store when the release has the
+    stimulus file (always for the NSD facts), "yes" requires it, "no" leaves it out (see
+    :func:`plan_stimuli`).
     """
     settings = settings or StorageSettings()
     root = Path(nsd_root) if nsd_root is not None else None
@@ -150,6 +189,21 @@ def plan_release(
     for subject in subjects:
         numbers = _subject_sessions(subject, root, space, beta_version, sessions)
         shown[subject] = numbers
+        if root is not None and layout.is_surface(space):
+            columns = {
+                name: count_surface_columns(
+                    layout.surface_label_paths(root, subject, space, file), labels
+                )
+                for name, (file, labels) in (rois or {}).items()
+            }
+            for session in numbers:
+                rows.append(
+                    _surface_row(
+                        root, subject, space, beta_version, session, settings, ceiling_mb,
+                        factor, columns, sample,
+                    )
+                )  # fmt: skip
+            continue
         roi_voxels = {
             name: count_roi_voxels(layout.roi_path(root, subject, space, file), labels)
             for name, (file, labels) in (rois or {}).items()
@@ -197,7 +251,13 @@ def plan_release(
         "storage": asdict(settings),
         "ceiling_mb": ceiling_mb,
         "factor": factor,
-        "compression_ratio": "sampled per session" if sample else nsd.ASSUMED_COMPRESSION_RATIO,
+        "compression_ratio": "sampled per session"
+        if sample
+        else (
+            nsd.ASSUMED_SURFACE_COMPRESSION_RATIO
+            if layout.is_surface(space)
+            else nsd.ASSUMED_COMPRESSION_RATIO
+        ),
         "sessions": rows,
         "subjects": {s: _totals([r for r in rows if r["subject"] == s]) for s in subjects},
         "total": _totals(rows),

@@ -21,7 +21,7 @@ from nsdzarr.errors import InputError, unreadable
 from nsdzarr.nsd_facts import BETA_SCALE, BETA_UNITS, TRIALS_PER_SESSION
 from nsdzarr.prepare.hdf5_open import open_hdf5
 from nsdzarr.prepare.layout import HEMISPHERES
-from nsdzarr.prepare.memory import READ_BUFFER_BYTES, SURFACE_HDF5_BLOCK_BYTES
+from nsdzarr.prepare.memory import SURFACE_HDF5_BLOCK_BYTES, surface_vertex_block
 
 # fsaverage betas are float32 percent signal change as they are (NSD data manual).
 PSC_UNITS = "percent signal change"
@@ -75,6 +75,7 @@ class HemisphereReader:
         self.dtype = self.file_dtype.newbyteorder("=")
         self.shape = (shape[3], shape[0])
         self.whole_hemisphere = False  # MGH frames are contiguous: trial blocks stream
+        self.vertex_step = 1
 
     def _open_hdf5(self) -> None:
         self._file = f = open_hdf5(self.path)
@@ -98,11 +99,10 @@ class HemisphereReader:
         self.vertex_step = dset.chunks[1] if dset.chunks else 1
 
     @property
-    def block_bytes(self) -> int:
-        """Bytes per read block: small vertex blocks for per-vertex HDF5 chunks (memory.py)."""
-        if self._block_bytes is not None:
-            return self._block_bytes
-        return SURFACE_HDF5_BLOCK_BYTES if self.whole_hemisphere else READ_BUFFER_BYTES
+    def vertex_block(self) -> int:
+        """Vertices per read where chunks span every trial: small blocks (memory.py)."""
+        block = self._block_bytes or SURFACE_HDF5_BLOCK_BYTES
+        return surface_vertex_block(self.n_trials, self.dtype.itemsize, self.vertex_step, block)
 
     def close(self) -> None:
         """Close the HDF5 file (MGH proxies hold no file open)."""
@@ -136,9 +136,8 @@ class HemisphereReader:
         """``(trials, vertices, block)`` covering the matrix in the file's natural order (vertex
         blocks holding none of the sorted ``wanted`` vertices are skipped)."""
         t, v = self.shape
-        item = self.dtype.itemsize
         if self.whole_hemisphere:
-            step = self.vertex_step * max(1, self.block_bytes // (t * self.vertex_step * item))
+            step = self.vertex_block
             for v0 in range(0, v, step):
                 v1 = min(v0 + step, v)
                 if wanted is not None and np.searchsorted(wanted, v0) == np.searchsorted(
@@ -159,6 +158,7 @@ class HemisphereReader:
             "shape": [self.n_trials, self.n_vertices],
             "dtype": self.file_dtype.str,
             "whole_hemisphere": self.whole_hemisphere,
+            "chunk_vertices": self.vertex_step,
             "file_bytes": self.path.stat().st_size,
         }
 
@@ -172,6 +172,21 @@ class SurfaceSession:
     @property
     def vertices(self) -> dict[str, int]:
         return {r.hemisphere: r.n_vertices for r in self.readers}
+
+    def metadata(self) -> dict[str, Any]:
+        """What an estimate records of the session's files (and plans its conversion by)."""
+        r0 = self.readers[0]
+        return {
+            "path": str(r0.path),
+            "format": r0.format,
+            "paths": [str(r.path) for r in self.readers],
+            "shape": [r0.n_trials, sum(self.vertices.values())],
+            "hemispheres": self.vertices,
+            "dtype": r0.file_dtype.newbyteorder("<").str,
+            "whole_hemisphere": any(r.whole_hemisphere for r in self.readers),
+            "chunk_vertices": min(r.vertex_step for r in self.readers),
+            "file_bytes": sum(r.path.stat().st_size for r in self.readers),
+        }
 
     def close(self) -> None:
         for r in self.readers:

@@ -15,8 +15,10 @@ from nsdzarr.prepare.convert import store_stats
 from nsdzarr.prepare.estimate import SAMPLE_TRIALS, STORE_EXTRA_FILES, job_request
 from nsdzarr.prepare.layout import HEMISPHERES, SURFACE_SESSION_FILE
 from nsdzarr.prepare.memory import (
+    READ_BUFFER_BYTES,
     SNAKEMAKE_JOB_BYTES,
     SURFACE_SAMPLE_VERTICES,
+    budget_bytes,
     request_mb,
     surface_estimate_peak,
     surface_roi_peak,
@@ -30,13 +32,12 @@ from nsdzarr.prepare.storage import (
     trial_blocks,
 )
 from nsdzarr.prepare.surface import (
-    READ_BUFFER_BYTES,
     SessionSources,
     SurfaceSession,
     open_session,
     require_same_vertices,
 )
-from nsdzarr.prepare.surface_convert import session_peak
+from nsdzarr.prepare.surface_convert import surface_plan
 from nsdzarr.prepare.surface_roi import count_surface_columns
 
 
@@ -70,7 +71,6 @@ def first_session_files(sources: SessionSources) -> list[Path] | None:
 
 def surface_estimate(
     meta: dict[str, Any],
-    peak_convert: int,
     settings: StorageSettings,
     ratio: float,
     ceiling_mb: int | None = None,
@@ -83,23 +83,25 @@ def surface_estimate(
     vertices = list(meta["hemispheres"].values())
     itemsize = np.dtype(meta["dtype"]).itemsize
     raw = n_trials * sum(vertices) * itemsize
-    if ceiling_mb and request_mb(peak_convert) > ceiling_mb:
+    plan = surface_plan(meta, settings.trials_per_shard, budget_bytes(ceiling_mb))
+    if ceiling_mb and request_mb(plan.peak_bytes) > ceiling_mb:
         raise InputError(
             meta["path"],
-            f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(peak_convert)} MB "
-            "this surface session needs (one hemisphere at a time)",
+            f"memory.ceiling_mb {ceiling_mb} is below the {request_mb(plan.peak_bytes)} MB "
+            f"this surface session needs ({plan.strategy}, one hemisphere at a time, holding "
+            f"one {settings.trials_per_shard}-trial shard; or lower storage.trials_per_shard)",
         )
     runtime = session_job_minutes(raw)
     est_peak = surface_estimate_peak(n_trials, itemsize)
     jobs: dict[str, dict[str, Any]] = {
         "estimate": job_request(est_peak, factor, MIN_RUNTIME_MIN, ceiling_mb),
         "convert": job_request(
-            peak_convert,
+            plan.peak_bytes,
             factor,
             runtime,
-            strategy=meta["strategy"],
+            strategy=plan.strategy,
             planes_per_slab=0,
-            in_memory_peak_bytes=peak_convert,
+            in_memory_peak_bytes=surface_plan(meta, settings.trials_per_shard).peak_bytes,
         ),
     }
     block = max(
@@ -126,7 +128,7 @@ def surface_estimate(
     }
 
 
-def _store_meta(store: Path) -> tuple[dict[str, Any], int, float]:
+def _store_meta(store: Path) -> tuple[dict[str, Any], float]:
     arrays = {h: json.loads((store / h / "zarr.json").read_text()) for h in HEMISPHERES}
     shapes = {h: a["shape"] for h, a in arrays.items()}
     dtype = np.dtype(arrays["lh"]["data_type"]).newbyteorder("<")
@@ -137,11 +139,12 @@ def _store_meta(store: Path) -> tuple[dict[str, Any], int, float]:
         "shape": [shapes["lh"][0], shapes["lh"][1] + shapes["rh"][1]],
         "hemispheres": {h: s[1] for h, s in shapes.items()},
         "dtype": dtype.str,
-        "strategy": "stream",
+        "whole_hemisphere": False,  # what converting it again would take: streamed
+        "chunk_vertices": 1,
         "file_bytes": size,
     }
     raw = shapes["lh"][0] * (shapes["lh"][1] + shapes["rh"][1]) * dtype.itemsize
-    return meta, 0, raw / max(size, 1)
+    return meta, raw / max(size, 1)
 
 
 def write_surface_estimate(
@@ -156,38 +159,15 @@ def write_surface_estimate(
     """Estimate one surface session (``rois``: name -> ([lh, rh] labels, labels)) and write the
     JSON atomically; its vertex counts must equal the subject's first session's."""
     if isinstance(sources, (str, os.PathLike)):  # a converted store, its files deleted
-        meta, peak, ratio = _store_meta(Path(sources))
+        meta, ratio = _store_meta(Path(sources))
     else:
         with open_session(sources) as session:
             require_same_vertices(session, first_session_files(sources))
-            readers = session.readers
-            meta = {
-                "path": str(readers[0].path),
-                "format": readers[0].format,
-                "paths": [str(r.path) for r in readers],
-                "shape": [readers[0].n_trials, sum(session.vertices.values())],
-                "hemispheres": session.vertices,
-                "dtype": readers[0].file_dtype.newbyteorder("<").str,
-                "strategy": "whole-hemisphere"
-                if any(r.whole_hemisphere for r in readers)
-                else "stream",
-                "file_bytes": sum(r.path.stat().st_size for r in readers),
-            }
-            peak = session_peak(session, settings.trials_per_shard)
+            meta = session.metadata()
             ratio = sample_ratio(session, settings)
-    if not peak:  # from a store: what converting it again would take, streamed
-        from nsdzarr.prepare.memory import surface_convert_peak
-
-        peak = surface_convert_peak(
-            meta["shape"][0],
-            list(meta["hemispheres"].values()),
-            np.dtype(meta["dtype"]).itemsize,
-            settings.trials_per_shard,
-            False,
-        )
     columns = {name: count_surface_columns(*spec) for name, spec in (rois or {}).items()}
     estimate = surface_estimate(
-        meta, peak, settings, ratio, ceiling_mb, factor, columns, roi_settings(roi_storage)
+        meta, settings, ratio, ceiling_mb, factor, columns, roi_settings(roi_storage)
     )
     with atomic_output(target) as tmp:
         Path(tmp).write_text(json.dumps(estimate, indent=2, sort_keys=True) + "\n")

@@ -30,14 +30,15 @@ except ImportError:  # the verify extra is not installed
 READERS = ("tensorstore", "zarr-python")
 
 
-def crc32c(a: np.ndarray, fast: bool = True) -> int:
-    """CRC32C of an array's bytes (C order), without copying a C-contiguous one; ``fast=False``
-    uses google_crc32c (which wants bytes: a ctypes view of the array's memory serves)."""
+def crc32c(a: np.ndarray, fast: bool = True, value: int = 0) -> int:
+    """CRC32C of an array's bytes (C order), without copying a C-contiguous one, continuing
+    ``value`` (the CRC of the bytes before); ``fast=False`` uses google_crc32c (which wants
+    bytes: a ctypes view of the array's memory serves)."""
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     if fast and _fast_crc32c is not None:
-        return _fast_crc32c(a)
-    return google_crc32c.value((ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
+        return _fast_crc32c(a, value)
+    return google_crc32c.extend(value, (ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
 
 
 def default_reader() -> str:
