@@ -74,7 +74,7 @@ class BatchPool:
             self.state[i] = 1
         offset = _HEADER + i * self.slot_bytes
         base = np.frombuffer(self.mm, np.uint8, self.slot_bytes, offset)
-        weakref.finalize(base, self._release, i, gen)  # fires once no view of it is alive
+        on_release(base, self._release, i, gen)  # once no view of it is alive
         return Slot(self, i, gen, offset, base)
 
     def _release(self, i: int, gen: int) -> None:
@@ -195,13 +195,27 @@ class WorkerBatch(dict):
         return (_rebuild_batch, (ticket, in_slot, by_value, rest))
 
 
-# main process: id of the weakref to a batch's memory -> (that weakref, pool mapping, slot)
-_PENDING: dict[int, tuple[Any, Any, int]] = {}
+# id of the weakref to an array -> (that weakref, callback, its arguments, pid)
+_PENDING: dict[int, tuple[Any, Any, tuple, int]] = {}
 
 
-def _free_slot(ref: Any) -> None:
+def on_release(base: np.ndarray, callback: Any, *args: Any) -> None:
+    """Call ``callback(*args)`` once ``base`` is collected: once no view of it, nor any tensor
+    over such a view, is alive. ``base`` must be an array over a buffer it does not own (of
+    ``np.frombuffer``), so that every view refers to ``base`` itself. Not in a forked child:
+    its copy of ``base`` going away must not free the parent's memory (shared mappings)."""
+    ref = weakref.ref(base, _released)
+    _PENDING[id(ref)] = (ref, callback, args, os.getpid())
+
+
+def _released(ref: Any) -> None:
+    _, callback, args, pid = _PENDING.pop(id(ref))
+    if pid == os.getpid():
+        callback(*args)
+
+
+def _free_slot(mm: Any, slot: int) -> None:
     """A batch's memory is no longer used by any tensor: its worker may reuse the slot."""
-    _, mm, slot = _PENDING.pop(id(ref))
     with contextlib.suppress(ValueError):  # the mapping was closed
         mm[slot] = 0
 
@@ -221,8 +235,7 @@ def _rebuild_batch(
         key, index, offset, nbytes = ticket
         mm = _map_pool(key)
         base = np.frombuffer(mm, np.uint8, nbytes, offset)
-        ref = weakref.ref(base, _free_slot)
-        _PENDING[id(ref)] = (ref, mm, index)
+        on_release(base, _free_slot, mm, index)
         for name, dtype, shape, stride, off in in_slot:
             dt = np.dtype(dtype)
             if stride is None:  # C-contiguous
@@ -246,7 +259,6 @@ class LocalBuffers:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self.free: dict[int, list[np.ndarray]] = {}  # nbytes -> owning uint8 arrays
-        self.pending: dict[int, tuple[Any, int, np.ndarray]] = {}  # id(weakref) -> it, size, owner
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialized array, in reused memory when some is free."""
@@ -256,12 +268,10 @@ class LocalBuffers:
         owner = stack.pop() if stack else np.empty(n, np.uint8)
         # every view of ``base`` refers to it (numpy stops at an array over a memoryview)
         base = np.frombuffer(memoryview(owner), np.uint8, n)
-        ref = weakref.ref(base, self._back)
-        self.pending[id(ref)] = (ref, n, owner)
+        on_release(base, self._back, n, owner)
         return base.view(dtype).reshape(shape)
 
-    def _back(self, ref: Any) -> None:
-        _, n, owner = self.pending.pop(id(ref))
+    def _back(self, n: int, owner: np.ndarray) -> None:
         stack = self.free.setdefault(n, [])
         if len(stack) < self.keep:
             stack.append(owner)
