@@ -560,8 +560,11 @@ class BetasDataset(Dataset):
             item["image"] = image.permute(2, 0, 1)
         return item
 
-    def _read_raw(self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Rows (len(rows), n_vox) in the stores' dtype, in a per-process scratch buffer."""
+    def _read_raw(
+        self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows (len(rows), n_vox) in the stores' dtype, in a per-process scratch buffer, or
+        in ``out`` when that is their dtype and needs no normalizing (``dtype="int16"``)."""
         ids = [0] if self._single else np.unique(stores).tolist()
         n_vox = self.stores[ids[0]].n_voxels
         if any(self.stores[s].n_voxels != n_vox for s in ids):
@@ -571,7 +574,10 @@ class BetasDataset(Dataset):
                 "batch with TrialBatchSampler(dataset, batch_size, by_subject=True)"
             )
         dtype = self.stores[ids[0]].disk_dtype if len(ids) == 1 else np.dtype(np.float32)
-        raw = rt.buffer(len(rows), n_vox, dtype)
+        if out is not None and out.dtype == dtype and self.normalize == "none":
+            raw = out
+        else:
+            raw = rt.buffer(len(rows), n_vox, dtype)
         for s in ids:
             sel = np.flatnonzero(stores == s) if len(ids) > 1 else None
             mine = rows if sel is None else rows[sel]
@@ -690,7 +696,9 @@ class BetasDataset(Dataset):
             if counts is None and self._gather_normalized(rt, stores, rows, out):
                 pass
             elif counts is None:
-                self._normalize(self._read_raw(rt, stores, rows), stores, rows, out)
+                raw = self._read_raw(rt, stores, rows, out)
+                if raw is not out:
+                    self._normalize(raw, stores, rows, out)
             else:
                 raw = self._read_raw(rt, stores, rows)
                 norm = np.empty(raw.shape, dtype=np.float32)
