@@ -13,7 +13,8 @@ array in one contiguous HDF5 dataset. The page cache is warmed first (warm-cache
 
 Every method reads the same random trials in one process; rounds run the methods
 round-robin and the best round is kept (the machine is shared, so the best round is the least
-disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none").
+disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none"),
+or the stored int16 values (``dtype="int16"``).
 Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store, a
 blosc-lz4 copy (``nsdgeneral-lz4.zarr``) and a raw copy (``nsdgeneral-raw.zarr``, codec
 none), tensorstore on the zstd store and on the store of the ROI default codec
@@ -367,6 +368,8 @@ def main() -> None:
     ds_raw_pread = BetasDataset(raw_store, split="all")  # A/B: preadv, not the mapped files
     ds_raw_pread._reader(ds_raw_pread._runtime(), 0).row_views = lambda rows: None
     ds_raw_mem = BetasDataset(raw_store, split="all", in_memory=True)
+    ds_raw_16 = BetasDataset(raw_store, split="all", dtype="int16")
+    ds_mem_16 = BetasDataset(raw_store, split="all", in_memory=True, dtype="int16")
     ds_raw_z = BetasDataset(raw_store, split="all", normalize="session_zscore")
     ds_z = BetasDataset(store, split="all", normalize="session_zscore")
     t0 = time.perf_counter()
@@ -375,7 +378,9 @@ def main() -> None:
     z = zarr.open_array(store / "betas", mode="r")
     roi_reader = RoiReader(raw_store)  # the numpy reader: raw int16 rows, for comparison
     h5 = h5py.File(h5path, "r")["betas"]
-    ram = ds_mem._mem[0].numpy()  # the same int16 array, for numpy fancy indexing
+    # the same int16 values in an array numpy allocated (with numpy's own huge pages, as a
+    # numpy user's array would be), for numpy fancy indexing
+    ram = np.array(ds_mem._mem[0].numpy())
     ram32 = ram.astype(np.float32)  # what a float32 batch costs numpy to gather (our output)
     default_store = {"none": raw_store, "blosc-lz4": lz4_store, "zstd": store}[ROI_STORAGE.codec]
     try:
@@ -482,6 +487,14 @@ def main() -> None:
             lambda k: ds_mem[int(singles[k])]["betas"],
             lambda k: collate(ds_mem.__getitems__(batches[k]))["betas"],
         ),
+        "ours, in_memory, dtype=int16 (raw store)": (
+            None,
+            lambda k: collate(ds_mem_16.__getitems__(batches[k]))["betas"],
+        ),
+        "ours, disk, raw store, dtype=int16": (
+            None,
+            lambda k: collate(ds_raw_16.__getitems__(batches[k]))["betas"],
+        ),
         "RoiReader.rows, raw store (int16, no torch)": (
             None,
             lambda k: roi_reader.rows(batches[k]),
@@ -507,7 +520,7 @@ def main() -> None:
     ref = z.oindex[batches[0], :]
     assert np.array_equal(collate(ds.__getitems__(batches[0]))["betas"].numpy(), ref)
     assert np.array_equal(collate(ds_mem.__getitems__(batches[0]))["betas"].numpy(), ref)
-    for d in (ds_raw, ds_raw_pread, ds_raw_mem, ds_lz4):
+    for d in (ds_raw, ds_raw_pread, ds_raw_mem, ds_lz4, ds_raw_16, ds_mem_16):
         assert np.array_equal(collate(d.__getitems__(batches[0]))["betas"].numpy(), ref)
     zr = collate(ds_raw_z.__getitems__(batches[0]))["betas"].numpy()
     assert np.array_equal(zr, collate(ds_z.__getitems__(batches[0]))["betas"].numpy())
@@ -546,6 +559,11 @@ def main() -> None:
             f"{b:19,.0f} | {b / base_b:5.1f}" if b else f"{'-':>19s} | {'-':>5s}",
         ]
         print(f"| {name:42s} | {cells[0]} | {cells[1]} |")
+    np16 = best["numpy fancy index in RAM (int16)", "batch"]
+    np32 = best["numpy fancy index in RAM (float32 copy)", "batch"]
+    for name in ("ours, in_memory", "ours, in_memory, dtype=int16 (raw store)"):
+        b = best[name, "batch"]
+        print(f"{name}: {b:,.0f}/s, {b / np16:.2f}x numpy int16, {b / np32:.2f}x numpy float32")
     dsets = {
         "noop": NoopBatches(),
         "ours": BetasDataset(default_store, split="all"),
