@@ -181,6 +181,17 @@ class NoopBatches:
         return list(idx)
 
 
+class BusyBatches(NoopBatches):
+    """The no-op whose workers spend ~1 ms of CPU per batch, as ours do: torch's floor when the
+    main process waits for its workers."""
+
+    def __getitems__(self, idx: list[int]) -> list[int]:
+        t = time.thread_time()
+        while time.thread_time() - t < 1e-3:
+            pass
+        return list(idx)
+
+
 def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], rounds: int):
     """Trials/s and CPU µs per batch (main, all workers) of DataLoaders, measured round-robin.
 
@@ -203,7 +214,7 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
                 range(N_TRIALS), num_samples=(3000 if name == "noop" else 300) * bs
             ),
             num_workers=workers,
-            collate_fn=collate if name != "noop" else (lambda b: b),
+            collate_fn=collate if name.startswith("ours") else (lambda b: b),
             **kwargs,
         )
         for _ in dl:  # warm-up epoch: starts workers, opens files
@@ -237,7 +248,7 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
     print("| dataset | batch | workers | trial/s | vs 0 workers | CPU µs/batch main | workers |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for (name, workers, bs), (rate, main, work) in best.items():
-        zero = best[(name if name == "noop" else "ours", 0, bs)][0]
+        zero = best[(name if name == "noop" else "noop" if "noop" in name else "ours", 0, bs)][0]
         print(
             f"| {name} | {bs} | {workers} | {rate:,.0f} | {rate / zero:.2f} | {main:,.0f} "
             f"| {work:,.0f} |"
@@ -249,6 +260,12 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
             f"{ours[1]:,.0f} vs torch's floor {noop[1]:,.0f} ({ours[1] / max(noop[1], 1):.2f}x); "
             f"workers: ours {ours[2]:,.0f} vs floor {noop[2]:,.0f}"
         )
+    busy, ours = best[("noop, workers busy 1 ms", 2, BATCH)], best[("ours", 2, BATCH)]
+    print(
+        f"2 workers, main process: the no-op whose workers are busy 1 ms per batch "
+        f"{busy[1]:,.0f} µs ({busy[1] / best[('noop', 2, BATCH)][1]:.2f}x the floor); "
+        f"ours {ours[1] / busy[1]:.2f}x it"
+    )
     # 2 cores, CPU-bound: 2 workers give at most 2 * (one process's CPU per batch) / (the
     # workers' CPU per batch + the main process's), the DataLoader's own part at least
     # torch's floor (the no-op dataset)
@@ -566,12 +583,14 @@ def main() -> None:
         print(f"{name}: {b:,.0f}/s, {b / np16:.2f}x numpy int16, {b / np32:.2f}x numpy float32")
     dsets = {
         "noop": NoopBatches(),
+        "noop, workers busy 1 ms": BusyBatches(),
         "ours": BetasDataset(default_store, split="all"),
         "ours, torch's shm transport": BetasDataset(
             default_store, split="all", pooled_batches=False
         ),
     }
     configs = [("noop", w, BATCH) for w in (0, 1, 2)] + [("ours", w, BATCH) for w in (0, 1, 2)]
+    configs += [("noop, workers busy 1 ms", 2, BATCH)]
     configs += [("ours, torch's shm transport", 2, BATCH)]
     configs += [("ours", w, bs) for bs in (128, 512) for w in (0, 2)]
     report_loader(loader_rates(dsets, configs, args.rounds), f"{ROI_STORAGE.codec} (ROI default)")
