@@ -3,6 +3,7 @@
 Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
        python benchmarks/loader.py --fallbacks  (private paths vs their fallbacks, small stores)
        python benchmarks/loader.py --checksums [--data DIR] [--rounds N] [--seconds S]
+       python benchmarks/loader.py --memory [--data DIR] [--rounds N]  (in-memory rows only)
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -348,7 +349,10 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--fallbacks", action="store_true", help="private paths vs their fallbacks")
     ap.add_argument("--checksums", action="store_true", help="only the crc32c checks' cost")
+    ap.add_argument("--memory", action="store_true", help="only the in-memory rows")
     args = ap.parse_args()
+    if args.memory:
+        return memory_rates(args.data, args.rounds, args.seconds)
     if args.fallbacks:
         return fallback_rates(args.data, args.rounds, args.seconds)
     if args.checksums:
@@ -605,6 +609,37 @@ def main() -> None:
 
 FB_SESSIONS = 4
 MODES = ("private", "fallback")
+
+
+def memory_rates(data: Path, rounds: int, seconds: float) -> None:
+    """In memory only: ours float32 and int16 next to numpy's fancy index (a quick run)."""
+    import torch
+
+    from nsdzarr.training.loader import BetasDataset, collate
+
+    torch.set_num_threads(1)
+    raw_store = build_copy(data, "nsdgeneral-raw.zarr", "none")
+    ds32 = BetasDataset(raw_store, split="all", in_memory=True)
+    ds16 = BetasDataset(raw_store, split="all", in_memory=True, dtype="int16")
+    ram = np.array(ds16._mem[0].numpy())  # numpy's own array (its own huge pages)
+    ram32 = ram.astype(np.float32)
+    batches = np.random.default_rng(1).integers(0, N_TRIALS, (500, BATCH))
+    assert np.array_equal(collate(ds16.__getitems__(batches[0]))["betas"].numpy(), ram[batches[0]])
+    methods = {
+        "numpy fancy index in RAM (int16)": lambda k: ram[batches[k]],
+        "ours, in_memory, dtype=int16": lambda k: collate(ds16.__getitems__(batches[k]))["betas"],
+        "numpy fancy index in RAM (float32)": lambda k: ram32[batches[k]],
+        "ours, in_memory (float32)": lambda k: collate(ds32.__getitems__(batches[k]))["betas"],
+    }
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            best[name] = max(best.get(name, 0.0), rate(fn, BATCH, seconds, len(batches)))
+    np16 = best["numpy fancy index in RAM (int16)"]
+    print(f"In memory, batch {BATCH}, best of {rounds} rounds, load {os.getloadavg()[0]:.1f}")
+    print("| read path | trial/s | x numpy int16 |\n|---|---:|---:|")
+    for name, v in best.items():
+        print(f"| {name} | {v:,.0f} | {v / np16:.2f} |")
 
 
 def fallback_rates(data: Path, rounds: int, seconds: float) -> None:

@@ -223,7 +223,7 @@ class _Runtime:
 
 
 class BetasDataset(Dataset):
-    """Trials (or repeat-averaged images) of one or more ROI stores, as float32 tensors.
+    """Trials (or repeat-averaged images) of one or more ROI stores, as float32 (or int16) tensors.
 
     ``store``: a store path, a list of them, or ``{subject: path}``; the subject is otherwise
     the folder above ``roi/``. ``subjects`` keeps only those subjects. ``trials`` overrides
