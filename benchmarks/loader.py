@@ -618,6 +618,7 @@ def memory_rates(data: Path, rounds: int, seconds: float) -> None:
     from nsdzarr.training.loader import BetasDataset, collate
 
     torch.set_num_threads(1)
+    build(data)
     raw_store = build_copy(data, "nsdgeneral-raw.zarr", "none")
     ds32 = BetasDataset(raw_store, split="all", in_memory=True)
     ds16 = BetasDataset(raw_store, split="all", in_memory=True, dtype="int16")

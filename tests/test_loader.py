@@ -740,6 +740,7 @@ def test_int16_refuses_what_is_not_an_integer(store: Path):
         assert "\n" not in str(excinfo.value)
     with pytest.raises(ValueError, match="cannot average repeats"):
         BetasDataset(store, dtype="int16", average_repeats=True)
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        BetasDataset(store, dtype="float64")
+    for dtype in ("float64", "int17"):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            BetasDataset(store, dtype=dtype)
     assert BetasDataset(store, dtype=np.float32)[0]["betas"].dtype == torch.float32

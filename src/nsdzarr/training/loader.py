@@ -267,7 +267,8 @@ class BetasDataset(Dataset):
         dtype: Any = "float32",
     ) -> None:
         dname = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
-        dname = dname or np.dtype(dtype).name
+        with contextlib.suppress(TypeError):
+            dname = dname or np.dtype(dtype).name
         if dname not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if dname == "int16" and normalize != "none":
