@@ -3,6 +3,7 @@
 Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--build-only]
        python benchmarks/loader.py --fallbacks  (private paths vs their fallbacks, small stores)
        python benchmarks/loader.py --checksums [--data DIR] [--rounds N] [--seconds S]
+       python benchmarks/loader.py --memory [--data DIR] [--rounds N]  (in-memory rows only)
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -13,7 +14,8 @@ array in one contiguous HDF5 dataset. The page cache is warmed first (warm-cache
 
 Every method reads the same random trials in one process; rounds run the methods
 round-robin and the best round is kept (the machine is shared, so the best round is the least
-disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none").
+disturbed one). Engines return int16 rows; ours returns float32 tensors (normalize="none"),
+or the stored int16 values (``dtype="int16"``).
 Prints one table with throughput and the ratio to zarr-python, for the zstd-1 store, a
 blosc-lz4 copy (``nsdgeneral-lz4.zarr``) and a raw copy (``nsdgeneral-raw.zarr``, codec
 none), tensorstore on the zstd store and on the store of the ROI default codec
@@ -180,6 +182,17 @@ class NoopBatches:
         return list(idx)
 
 
+class BusyBatches(NoopBatches):
+    """The no-op whose workers spend ~1 ms of CPU per batch, as ours do: torch's floor when the
+    main process waits for its workers."""
+
+    def __getitems__(self, idx: list[int]) -> list[int]:
+        t = time.thread_time()
+        while time.thread_time() - t < 1e-3:
+            pass
+        return list(idx)
+
+
 def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], rounds: int):
     """Trials/s and CPU µs per batch (main, all workers) of DataLoaders, measured round-robin.
 
@@ -202,7 +215,7 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
                 range(N_TRIALS), num_samples=(3000 if name == "noop" else 300) * bs
             ),
             num_workers=workers,
-            collate_fn=collate if name != "noop" else (lambda b: b),
+            collate_fn=collate if name.startswith("ours") else (lambda b: b),
             **kwargs,
         )
         for _ in dl:  # warm-up epoch: starts workers, opens files
@@ -236,7 +249,7 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
     print("| dataset | batch | workers | trial/s | vs 0 workers | CPU µs/batch main | workers |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for (name, workers, bs), (rate, main, work) in best.items():
-        zero = best[(name if name == "noop" else "ours", 0, bs)][0]
+        zero = best[(name if name == "noop" else "noop" if "noop" in name else "ours", 0, bs)][0]
         print(
             f"| {name} | {bs} | {workers} | {rate:,.0f} | {rate / zero:.2f} | {main:,.0f} "
             f"| {work:,.0f} |"
@@ -248,6 +261,12 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
             f"{ours[1]:,.0f} vs torch's floor {noop[1]:,.0f} ({ours[1] / max(noop[1], 1):.2f}x); "
             f"workers: ours {ours[2]:,.0f} vs floor {noop[2]:,.0f}"
         )
+    busy, ours = best[("noop, workers busy 1 ms", 2, BATCH)], best[("ours", 2, BATCH)]
+    print(
+        f"2 workers, main process: the no-op whose workers are busy 1 ms per batch "
+        f"{busy[1]:,.0f} µs ({busy[1] / best[('noop', 2, BATCH)][1]:.2f}x the floor); "
+        f"ours {ours[1] / busy[1]:.2f}x it"
+    )
     # 2 cores, CPU-bound: 2 workers give at most 2 * (one process's CPU per batch) / (the
     # workers' CPU per batch + the main process's), the DataLoader's own part at least
     # torch's floor (the no-op dataset)
@@ -330,7 +349,10 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--fallbacks", action="store_true", help="private paths vs their fallbacks")
     ap.add_argument("--checksums", action="store_true", help="only the crc32c checks' cost")
+    ap.add_argument("--memory", action="store_true", help="only the in-memory rows")
     args = ap.parse_args()
+    if args.memory:
+        return memory_rates(args.data, args.rounds, args.seconds)
     if args.fallbacks:
         return fallback_rates(args.data, args.rounds, args.seconds)
     if args.checksums:
@@ -367,6 +389,8 @@ def main() -> None:
     ds_raw_pread = BetasDataset(raw_store, split="all")  # A/B: preadv, not the mapped files
     ds_raw_pread._reader(ds_raw_pread._runtime(), 0).row_views = lambda rows: None
     ds_raw_mem = BetasDataset(raw_store, split="all", in_memory=True)
+    ds_raw_16 = BetasDataset(raw_store, split="all", dtype="int16")
+    ds_mem_16 = BetasDataset(raw_store, split="all", in_memory=True, dtype="int16")
     ds_raw_z = BetasDataset(raw_store, split="all", normalize="session_zscore")
     ds_z = BetasDataset(store, split="all", normalize="session_zscore")
     t0 = time.perf_counter()
@@ -375,7 +399,9 @@ def main() -> None:
     z = zarr.open_array(store / "betas", mode="r")
     roi_reader = RoiReader(raw_store)  # the numpy reader: raw int16 rows, for comparison
     h5 = h5py.File(h5path, "r")["betas"]
-    ram = ds_mem._mem[0].numpy()  # the same int16 array, for numpy fancy indexing
+    # the same int16 values in an array numpy allocated (with numpy's own huge pages, as a
+    # numpy user's array would be), for numpy fancy indexing
+    ram = np.array(ds_mem._mem[0].numpy())
     ram32 = ram.astype(np.float32)  # what a float32 batch costs numpy to gather (our output)
     default_store = {"none": raw_store, "blosc-lz4": lz4_store, "zstd": store}[ROI_STORAGE.codec]
     try:
@@ -482,6 +508,14 @@ def main() -> None:
             lambda k: ds_mem[int(singles[k])]["betas"],
             lambda k: collate(ds_mem.__getitems__(batches[k]))["betas"],
         ),
+        "ours, in_memory, dtype=int16 (raw store)": (
+            None,
+            lambda k: collate(ds_mem_16.__getitems__(batches[k]))["betas"],
+        ),
+        "ours, disk, raw store, dtype=int16": (
+            None,
+            lambda k: collate(ds_raw_16.__getitems__(batches[k]))["betas"],
+        ),
         "RoiReader.rows, raw store (int16, no torch)": (
             None,
             lambda k: roi_reader.rows(batches[k]),
@@ -507,7 +541,7 @@ def main() -> None:
     ref = z.oindex[batches[0], :]
     assert np.array_equal(collate(ds.__getitems__(batches[0]))["betas"].numpy(), ref)
     assert np.array_equal(collate(ds_mem.__getitems__(batches[0]))["betas"].numpy(), ref)
-    for d in (ds_raw, ds_raw_pread, ds_raw_mem, ds_lz4):
+    for d in (ds_raw, ds_raw_pread, ds_raw_mem, ds_lz4, ds_raw_16, ds_mem_16):
         assert np.array_equal(collate(d.__getitems__(batches[0]))["betas"].numpy(), ref)
     zr = collate(ds_raw_z.__getitems__(batches[0]))["betas"].numpy()
     assert np.array_equal(zr, collate(ds_z.__getitems__(batches[0]))["betas"].numpy())
@@ -546,14 +580,21 @@ def main() -> None:
             f"{b:19,.0f} | {b / base_b:5.1f}" if b else f"{'-':>19s} | {'-':>5s}",
         ]
         print(f"| {name:42s} | {cells[0]} | {cells[1]} |")
+    np16 = best["numpy fancy index in RAM (int16)", "batch"]
+    np32 = best["numpy fancy index in RAM (float32 copy)", "batch"]
+    for name in ("ours, in_memory", "ours, in_memory, dtype=int16 (raw store)"):
+        b = best[name, "batch"]
+        print(f"{name}: {b:,.0f}/s, {b / np16:.2f}x numpy int16, {b / np32:.2f}x numpy float32")
     dsets = {
         "noop": NoopBatches(),
+        "noop, workers busy 1 ms": BusyBatches(),
         "ours": BetasDataset(default_store, split="all"),
         "ours, torch's shm transport": BetasDataset(
             default_store, split="all", pooled_batches=False
         ),
     }
     configs = [("noop", w, BATCH) for w in (0, 1, 2)] + [("ours", w, BATCH) for w in (0, 1, 2)]
+    configs += [("noop, workers busy 1 ms", 2, BATCH)]
     configs += [("ours, torch's shm transport", 2, BATCH)]
     configs += [("ours", w, bs) for bs in (128, 512) for w in (0, 2)]
     report_loader(loader_rates(dsets, configs, args.rounds), f"{ROI_STORAGE.codec} (ROI default)")
@@ -568,6 +609,38 @@ def main() -> None:
 
 FB_SESSIONS = 4
 MODES = ("private", "fallback")
+
+
+def memory_rates(data: Path, rounds: int, seconds: float) -> None:
+    """In memory only: ours float32 and int16 next to numpy's fancy index (a quick run)."""
+    import torch
+
+    from nsdzarr.training.loader import BetasDataset, collate
+
+    torch.set_num_threads(1)
+    build(data)
+    raw_store = build_copy(data, "nsdgeneral-raw.zarr", "none")
+    ds32 = BetasDataset(raw_store, split="all", in_memory=True)
+    ds16 = BetasDataset(raw_store, split="all", in_memory=True, dtype="int16")
+    ram = np.array(ds16._mem[0].numpy())  # numpy's own array (its own huge pages)
+    ram32 = ram.astype(np.float32)
+    batches = np.random.default_rng(1).integers(0, N_TRIALS, (500, BATCH))
+    assert np.array_equal(collate(ds16.__getitems__(batches[0]))["betas"].numpy(), ram[batches[0]])
+    methods = {
+        "numpy fancy index in RAM (int16)": lambda k: ram[batches[k]],
+        "ours, in_memory, dtype=int16": lambda k: collate(ds16.__getitems__(batches[k]))["betas"],
+        "numpy fancy index in RAM (float32)": lambda k: ram32[batches[k]],
+        "ours, in_memory (float32)": lambda k: collate(ds32.__getitems__(batches[k]))["betas"],
+    }
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            best[name] = max(best.get(name, 0.0), rate(fn, BATCH, seconds, len(batches)))
+    np16 = best["numpy fancy index in RAM (int16)"]
+    print(f"In memory, batch {BATCH}, best of {rounds} rounds, load {os.getloadavg()[0]:.1f}")
+    print("| read path | trial/s | x numpy int16 |\n|---|---:|---:|")
+    for name, v in best.items():
+        print(f"| {name} | {v:,.0f} | {v / np16:.2f} |")
 
 
 def fallback_rates(data: Path, rounds: int, seconds: float) -> None:

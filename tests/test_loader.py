@@ -685,3 +685,62 @@ def test_raw_rows_read_from_bounded_mappings(store: Path, truth: dict, tmp_path:
     with pytest.raises(InputError) as e:
         ds[[1, 2 * 50 + 40]]
     assert "corrupt" in one_line_error(e, shard)
+
+
+# --------------------------------------------------------------------------- int16 output
+
+
+def test_int16_output_is_the_stored_values(root: Path, store: Path, truth: dict):
+    """dtype="int16": the stored integers exactly, from disk (raw and blosc), from memory, one
+    item or a batch, one store or two; ``scale`` turns them into ``normalize="psc"``."""
+    lz4 = store.parent / "lz4-int16.zarr"
+    if not lz4.exists():
+        compressors = zarr_compressor(StorageSettings("blosc-lz4", 5), 2)
+        rewrite_betas(store, lz4, truth["betas"], compressors=compressors)
+    idx = np.random.default_rng(5).integers(0, len(truth["betas"]), 100)
+    idx[:2] = idx[2]  # a row asked more than once
+    for path in (raw_copy(store, truth), lz4):
+        for in_memory in (False, True):
+            ds = BetasDataset(path, split="all", dtype="int16", in_memory=in_memory)
+            batch = ds[idx.tolist()]
+            assert batch["betas"].dtype == torch.int16
+            np.testing.assert_array_equal(batch["betas"].numpy(), truth["betas"][idx])
+            item = ds[int(idx[7])]["betas"]
+            assert item.dtype == torch.int16
+            np.testing.assert_array_equal(item.numpy(), truth["betas"][idx[7]])
+            assert ds.scale == 300
+            psc = (batch["betas"].float() / ds.scale).numpy()
+            np.testing.assert_array_equal(psc, reference(truth, "psc")[idx])
+    stores = [root / "results" / s / "roi" / "nsdgeneral.zarr" for s in SESSIONS]
+    both = BetasDataset(stores, split="all", dtype=torch.int16)
+    ref = BetasDataset(stores, split="all")
+    mixed = [0, len(both) - 1, 5]  # a batch from two stores
+    assert both[mixed]["betas"].dtype == torch.int16
+    assert torch.equal(both[mixed]["betas"].float(), ref[mixed]["betas"])
+
+
+@pytest.mark.parametrize(
+    "context,in_memory",
+    [("fork", False), ("fork", True), pytest.param("spawn", True, marks=pytest.mark.slow)],
+)
+def test_int16_through_workers(store: Path, truth: dict, context: str, in_memory: bool):
+    """Batches of stored int16 values through the workers' reused buffers, fork and spawn."""
+    ds = BetasDataset(raw_copy(store, truth), split="all", dtype="int16", in_memory=in_memory)
+    loader = ds.dataloader(batch_size=32, num_workers=2, multiprocessing_context=context)
+    got = epoch(loader)
+    assert got["betas"].dtype == torch.int16
+    np.testing.assert_array_equal(got["betas"].numpy(), truth["betas"])
+    np.testing.assert_array_equal(got["trial"].numpy(), truth["trial"])
+
+
+def test_int16_refuses_what_is_not_an_integer(store: Path):
+    for kwargs in ({"normalize": "psc"}, {"normalize": "session_zscore"}):
+        with pytest.raises(ValueError, match="normalize must be 'none'") as excinfo:
+            BetasDataset(store, dtype="int16", **kwargs)
+        assert "\n" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="cannot average repeats"):
+        BetasDataset(store, dtype="int16", average_repeats=True)
+    for dtype in ("float64", "int17"):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            BetasDataset(store, dtype=dtype)
+    assert BetasDataset(store, dtype=np.float32)[0]["betas"].dtype == torch.float32

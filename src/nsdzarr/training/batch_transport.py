@@ -74,7 +74,7 @@ class BatchPool:
             self.state[i] = 1
         offset = _HEADER + i * self.slot_bytes
         base = np.frombuffer(self.mm, np.uint8, self.slot_bytes, offset)
-        weakref.finalize(base, self._release, i, gen)  # fires once no view of it is alive
+        on_release(base, self._release, i, gen)  # once no view of it is alive
         return Slot(self, i, gen, offset, base)
 
     def _release(self, i: int, gen: int) -> None:
@@ -172,9 +172,10 @@ def release_exited_pools() -> None:
 class WorkerBatch(dict):
     """A collated batch made in a DataLoader worker; pickles as a few numbers.
 
-    Tensors in the batch's pool slot travel as (dtype, shape, strides, offset); other
-    small tensors by value (torch would give each its own shared memory segment). Unpickled,
-    it is a plain dict of plain tensors over the slot, which is freed when they are gone.
+    Tensors in the batch's pool slot travel as one string of (dtype, shape, strides, offset)
+    (the same for every full batch: the main process parses it once); other small tensors by
+    value (torch would give each its own shared memory segment). Unpickled, it is a plain
+    dict of plain tensors over the slot, which is freed when they are gone.
     """
 
     slot: Slot | None = None
@@ -192,44 +193,85 @@ class WorkerBatch(dict):
                 v = v.numpy()
             rest[key] = v  # keeps key order
         ticket = slot.send() if in_slot else None  # type: ignore[union-attr]
-        return (_rebuild_batch, (ticket, in_slot, by_value, rest))
+        return (_rebuild_batch, (ticket, repr(in_slot), by_value, rest))
 
 
-# main process: id of the weakref to a batch's memory -> (that weakref, pool mapping, slot)
-_PENDING: dict[int, tuple[Any, Any, int]] = {}
+# id of the weakref to an array -> (that weakref, callback, its arguments)
+_PENDING: dict[int, tuple[Any, Any, tuple]] = {}
+# a forked child's copies of the parent's arrays must not free the parent's (shared) memory
+os.register_at_fork(after_in_child=_PENDING.clear)
 
 
-def _free_slot(ref: Any) -> None:
+def on_release(base: np.ndarray, callback: Any, *args: Any) -> None:
+    """Call ``callback(*args)`` once ``base`` is collected: once no view of it, nor any tensor
+    over such a view, is alive. ``base`` must be an array over a buffer it does not own (of
+    ``np.frombuffer``), so that every view refers to ``base`` itself. Registered before a
+    fork, never called in the child."""
+    ref = weakref.ref(base, _released)
+    _PENDING[id(ref)] = (ref, callback, args)
+
+
+def _released(ref: Any) -> None:
+    entry = _PENDING.pop(id(ref), None)
+    if entry is not None:
+        entry[1](*entry[2])
+
+
+def _free_slot(mm: Any, slot: int) -> None:
     """A batch's memory is no longer used by any tensor: its worker may reuse the slot."""
-    _, mm, slot = _PENDING.pop(id(ref))
-    with contextlib.suppress(ValueError):  # the mapping was closed
+    try:
         mm[slot] = 0
+    except ValueError:  # the mapping was closed (not contextlib.suppress: ~1 us per batch)
+        return
+
+
+# main process: a batch layout (WorkerBatch's string) -> (name, dtype, count, shape,
+# reshape, byte strides or None, offset) per tensor
+_LAYOUTS: dict[str, list[tuple[str, np.dtype, int, tuple, bool, tuple | None, int]]] = {}
+
+
+def _layout(text: str) -> list[tuple[str, np.dtype, int, tuple, bool, tuple | None, int]]:
+    parsed = _LAYOUTS.get(text)
+    if parsed is None:
+        import ast
+
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        parsed = []
+        for name, dtype, shape, stride, off in ast.literal_eval(text):
+            dt = np.dtype(dtype)
+            strides = None if stride is None else tuple(x * dt.itemsize for x in stride)
+            parsed.append((name, dt, math.prod(shape), shape, len(shape) != 1, strides, off))
+        _LAYOUTS[text] = parsed
+    return parsed
 
 
 def _rebuild_batch(
     ticket: Any,
-    in_slot: list[tuple[str, str, tuple[int, ...], tuple[int, ...] | None, int]],
+    in_slot: str,
     by_value: list[str],
     rest: dict,
 ) -> dict[str, Any]:
     """Unpickling in the main process: tensors over the worker's slot, freed once collected.
 
     This runs once per batch in the main process, whose CPU bounds the workers' speed-up:
-    numpy views and ``from_numpy`` (torch's ``as_strided`` costs ~10x more here), one
-    weakref for the whole slot (freed after every tensor and view of it is gone)."""
+    ``np.frombuffer`` views and ``from_numpy`` (torch's ``as_strided`` costs ~10x more here,
+    a slice + ``view`` + ``reshape`` ~3x), one weakref for the whole slot (freed after every
+    tensor and view of it is gone), the layout parsed once."""
     if ticket is not None:
         key, index, offset, nbytes = ticket
         mm = _map_pool(key)
         base = np.frombuffer(mm, np.uint8, nbytes, offset)
-        ref = weakref.ref(base, _free_slot)
-        _PENDING[id(ref)] = (ref, mm, index)
-        for name, dtype, shape, stride, off in in_slot:
-            dt = np.dtype(dtype)
-            if stride is None:  # C-contiguous
-                view = base[off : off + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
-            else:
-                strides = tuple(s * dt.itemsize for s in stride)
+        on_release(base, _free_slot, mm, index)
+        for name, dt, count, shape, reshape, strides, off in _layout(in_slot):
+            if strides is not None:  # not C-contiguous (channels_last images)
                 view = np.ndarray(shape, dt, buffer=base, offset=off, strides=strides)
+            elif count:
+                view = np.frombuffer(base, dt, count, off)
+                if reshape:
+                    view = view.reshape(shape)
+            else:
+                view = np.empty(shape, dt)
             rest[name] = torch.from_numpy(view)
     for name in by_value:
         rest[name] = torch.from_numpy(rest[name])
@@ -246,7 +288,6 @@ class LocalBuffers:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self.free: dict[int, list[np.ndarray]] = {}  # nbytes -> owning uint8 arrays
-        self.pending: dict[int, tuple[Any, int, np.ndarray]] = {}  # id(weakref) -> it, size, owner
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialized array, in reused memory when some is free."""
@@ -255,13 +296,11 @@ class LocalBuffers:
         stack = self.free.get(n)
         owner = stack.pop() if stack else np.empty(n, np.uint8)
         # every view of ``base`` refers to it (numpy stops at an array over a memoryview)
-        base = np.frombuffer(memoryview(owner), np.uint8, n)
-        ref = weakref.ref(base, self._back)
-        self.pending[id(ref)] = (ref, n, owner)
-        return base.view(dtype).reshape(shape)
+        base = np.frombuffer(memoryview(owner), dtype, math.prod(shape))  # .view(dtype): ~3x
+        on_release(base, self._back, n, owner)
+        return base.reshape(shape)
 
-    def _back(self, ref: Any) -> None:
-        _, n, owner = self.pending.pop(id(ref))
+    def _back(self, n: int, owner: np.ndarray) -> None:
         stack = self.free.setdefault(n, [])
         if len(stack) < self.keep:
             stack.append(owner)

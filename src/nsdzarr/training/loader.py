@@ -2,7 +2,8 @@
 
 :class:`BetasDataset` is a map-style ``torch.utils.data.Dataset`` whose items are dicts::
 
-    betas    float32 tensor (n_voxels,)     normalized as asked
+    betas    float32 tensor (n_voxels,)     normalized as asked (``dtype="int16"``: the
+                                            stored int16 values, PSC x ``dataset.scale``)
     nsd_id   int                            0-based NSD 73k image id
     trial    int                            0-based global trial (trials.tsv ``trial``)
     session  int                            NSD session number (1-based)
@@ -85,6 +86,8 @@ from nsdzarr.training.zarr_v3 import parse_layout  # noqa: F401 - re-exported fo
 
 SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
+DTYPES = ("float32", "int16")  # the betas' output dtype; int16: the stored values as they are
+TORCH_DTYPES = {"float32": torch.float32, "int16": torch.int16}
 # int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
 META_BYTES_PER_ITEM = 8 * 11
 
@@ -136,6 +139,21 @@ def collate(batch: Any) -> Any:
     if isinstance(batch, BetasBatch):
         return batch.collated
     return default_collate(batch)
+
+
+def _huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under ``t`` before it is filled (as numpy does for
+    its own large arrays): random rows then gather ~15% faster here (fewer TLB misses)."""
+    import ctypes
+    import mmap
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux / not glibc: small pages
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = t.data_ptr() + t.numel() * t.element_size()
+        if end > start:
+            madvise(start, end - start, mmap.MADV_HUGEPAGE)
 
 
 class _Runtime:
@@ -205,7 +223,7 @@ class _Runtime:
 
 
 class BetasDataset(Dataset):
-    """Trials (or repeat-averaged images) of one or more ROI stores, as float32 tensors.
+    """Trials (or repeat-averaged images) of one or more ROI stores, as float32 (or int16) tensors.
 
     ``store``: a store path, a list of them, or ``{subject: path}``; the subject is otherwise
     the folder above ``roi/``. ``subjects`` keeps only those subjects. ``trials`` overrides
@@ -226,6 +244,9 @@ class BetasDataset(Dataset):
     each chunk's crc32c before using it: a flipped byte is an InputError naming the file and
     the trial. Off by default: it costs 44-61% of the read rate on raw ROI stores
     (benchmarks/README.md), and ``nsdzarr verify`` checks every chunk of a store once.
+    ``dtype="int16"``: betas are the stored int16 values (PSC x :attr:`scale`), half the bytes
+    of float32 to gather and to copy to a GPU; only with ``normalize="none"`` and without
+    ``average_repeats`` (a mean of integers is not an integer).
     """
 
     def __init__(
@@ -243,7 +264,23 @@ class BetasDataset(Dataset):
         images: str | os.PathLike[str] | None = None,
         image_size: int | None = None,
         verify_checksums: bool = False,
+        dtype: Any = "float32",
     ) -> None:
+        dname = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
+        with contextlib.suppress(TypeError):
+            dname = dname or np.dtype(dtype).name
+        if dname not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if dname == "int16" and normalize != "none":
+            raise ValueError(
+                f"dtype='int16' returns the stored values: normalize must be 'none', "
+                f"got {normalize!r} (or use dtype='float32')"
+            )
+        if dname == "int16" and average_repeats:
+            raise ValueError(
+                "dtype='int16' cannot average repeats (a mean of integers is not an integer): "
+                "use dtype='float32'"
+            )
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if normalize not in NORMALIZE:
@@ -277,6 +314,10 @@ class BetasDataset(Dataset):
             for (s, p), t in zip(pairs, tsvs, strict=True)
         ]
         self._single = len(self.stores) == 1
+        self.dtype = np.dtype(dname)
+        for info in self.stores if dname == "int16" else ():
+            if info.disk_dtype.kind != "i" or info.disk_dtype.itemsize != 2:
+                raise ValueError(f"dtype='int16': {info.path} stores {info.disk_dtype}, not int16")
         self.max_open_files = max_open_files or default_max_open_files(len(self.stores))
         self._rt: _Runtime | None = None
         self._index_items()
@@ -355,6 +396,7 @@ class BetasDataset(Dataset):
                 pos[used] = np.arange(len(used))
                 tdtype = torch.from_numpy(np.empty(0, info.disk_dtype.newbyteorder("="))).dtype
                 mem = torch.empty((len(used), info.n_voxels), dtype=tdtype)  # filled in place
+                _huge_pages(mem)
                 arr = mem.numpy()
                 reader = self._reader(rt, s)
                 block = info.layout.grid[0] if info.layout is not None else 256
@@ -448,6 +490,16 @@ class BetasDataset(Dataset):
         return counts.pop()
 
     @property
+    def scale(self) -> float:
+        """Stored value per percent signal change (NSD: 300); ValueError when stores differ.
+
+        With ``dtype="int16"``, ``betas.float() / scale`` (on the GPU) is ``normalize="psc"``."""
+        scales = {info.scale for info in self.stores}
+        if len(scales) > 1:
+            raise ValueError(f"stores differ in scale {sorted(scales)}")
+        return scales.pop()
+
+    @property
     def voxels_per_store(self) -> list[int]:
         """Voxels per item of each store, in store order (as ``subjects``)."""
         return [info.n_voxels for info in self.stores]
@@ -472,12 +524,7 @@ class BetasDataset(Dataset):
         return self.__getitems__(index).collated
 
     def __getitems__(self, indices: Sequence[int]) -> BetasBatch:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        try:
-            self._item_store[idx]  # numpy checks the range (negative indices count back)
-        except IndexError:
-            raise IndexError(f"index out of range for a dataset of {len(self)} items") from None
-        return BetasBatch(self._fetch(idx % len(self) if len(self) else idx))
+        return BetasBatch(self._fetch(np.asarray(indices, dtype=np.int64).reshape(-1)))
 
     def dataloader(self, **kwargs: Any) -> DataLoader:
         """A DataLoader using :func:`collate` (any DataLoader argument can be passed)."""
@@ -496,7 +543,7 @@ class BetasDataset(Dataset):
         rt = self._runtime()
         s, row = int(self._item_store[i]), int(self._item_row[i])
         stores, rows = self._item_store[i : i + 1], self._item_row[i : i + 1]
-        betas = torch.empty(self.stores[s].n_voxels, dtype=torch.float32)
+        betas = torch.from_numpy(np.empty(self.stores[s].n_voxels, self.dtype))
         raw = self._read_raw(rt, stores, rows)
         self._normalize(raw, stores, rows, betas.numpy()[None])
         cols = self.stores[s].columns
@@ -514,8 +561,11 @@ class BetasDataset(Dataset):
             item["image"] = image.permute(2, 0, 1)
         return item
 
-    def _read_raw(self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Rows (len(rows), n_vox) in the stores' dtype, in a per-process scratch buffer."""
+    def _read_raw(
+        self, rt: _Runtime, stores: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows (len(rows), n_vox) in the stores' dtype, in a per-process scratch buffer, or
+        in ``out`` when that is their dtype and needs no normalizing (``dtype="int16"``)."""
         ids = [0] if self._single else np.unique(stores).tolist()
         n_vox = self.stores[ids[0]].n_voxels
         if any(self.stores[s].n_voxels != n_vox for s in ids):
@@ -525,7 +575,10 @@ class BetasDataset(Dataset):
                 "batch with TrialBatchSampler(dataset, batch_size, by_subject=True)"
             )
         dtype = self.stores[ids[0]].disk_dtype if len(ids) == 1 else np.dtype(np.float32)
-        raw = rt.buffer(len(rows), n_vox, dtype)
+        if out is not None and out.dtype == dtype and self.normalize == "none":
+            raw = out
+        else:
+            raw = rt.buffer(len(rows), n_vox, dtype)
         for s in ids:
             sel = np.flatnonzero(stores == s) if len(ids) > 1 else None
             mine = rows if sel is None else rows[sel]
@@ -553,8 +606,11 @@ class BetasDataset(Dataset):
         if self._mem[s] is not None:
             if rt.mem[s] is None:
                 rt.mem[s] = self._mem[s].numpy()
-            mem = rt.mem[s]
-            src = [mem[p] for p in self._mem_pos[s][rows].tolist()]
+            mem, pos = rt.mem[s], self._mem_pos[s][rows]
+            if mem.dtype == out.dtype:  # dtype="int16": one gather, no cast
+                np.take(mem, pos, axis=0, out=out, mode="clip")  # in range; "raise" buffers
+                return True
+            src = [mem[p] for p in pos.tolist()]
         else:
             reader = self._reader(rt, s)
             src = reader.row_views(rows) if isinstance(reader, ShardRows) else None
@@ -583,7 +639,7 @@ class BetasDataset(Dataset):
             info = self.stores[s]
             sel = np.flatnonzero(stores == s) if len(ids) > 1 else None
             x = raw if sel is None else raw[sel]
-            o = out if sel is None else np.empty(x.shape, np.float32)
+            o = out if sel is None else np.empty(x.shape, out.dtype)
             if self.normalize == "none":
                 np.copyto(o, x, casting="unsafe")
             elif self.normalize == "psc":
@@ -596,8 +652,13 @@ class BetasDataset(Dataset):
                 out[sel] = o
 
     def _fetch(self, idx: np.ndarray) -> dict[str, Any]:
+        """The collated batch of items ``idx`` (negative ones count back, as numpy's)."""
         rt = self._runtime()
-        item_store = self._item_store[idx]
+        try:
+            item_store = self._item_store[idx]  # numpy checks the range
+        except IndexError:
+            raise IndexError(f"index out of range for a dataset of {len(self)} items") from None
+        worker = get_worker_info() is not None
         if self._group_rows is None:
             rows, stores, counts = self._item_row[idx], item_store, None
         else:
@@ -608,23 +669,24 @@ class BetasDataset(Dataset):
         s0 = int(item_store[0]) if len(idx) else 0
         shape = (len(idx), self.stores[s0].n_voxels)
         ishape = (len(idx), *self.images.shape[1:]) if self.images is not None else (0,)
-        nbytes = len(idx) * (4 * shape[1] + META_BYTES_PER_ITEM) + 512  # + alignment of 6 arrays
+        per_item = self.dtype.itemsize * shape[1] + META_BYTES_PER_ITEM
+        nbytes = len(idx) * per_item + 512  # + alignment of 6 arrays
         nbytes += math.prod(ishape) + 64 if self.images is not None else 0
-        slot = rt.slot(nbytes, self.pooled_batches)
+        slot = rt.slot(nbytes, self.pooled_batches) if worker else None
         if slot is not None:
-            out = slot.empty(shape, np.float32)
+            out = slot.empty(shape, self.dtype)
             betas = torch.from_numpy(out)
-        elif get_worker_info() is not None:
-            betas = shared_empty(shape)
+        elif worker:
+            betas = shared_empty(shape, TORCH_DTYPES[self.dtype.name])
             out = betas.numpy()
         else:  # reused memory: a fresh 2 MB batch costs as much to fault in as to fill
-            out = rt.local.empty(shape, np.float32)
+            out = rt.local.empty(shape, self.dtype)
             betas = torch.from_numpy(out)
         collated: dict[str, Any] = {"betas": betas}
         if self.images is not None:  # NHWC rows, handed out as NCHW in channels_last format
             if slot is not None:
                 image = torch.from_numpy(slot.empty(ishape, np.uint8))
-            elif get_worker_info() is not None:
+            elif worker:
                 image = shared_empty(ishape, torch.uint8)
             else:
                 image = torch.from_numpy(rt.local.empty(ishape, np.uint8))
@@ -635,7 +697,9 @@ class BetasDataset(Dataset):
             if counts is None and self._gather_normalized(rt, stores, rows, out):
                 pass
             elif counts is None:
-                self._normalize(self._read_raw(rt, stores, rows), stores, rows, out)
+                raw = self._read_raw(rt, stores, rows, out)
+                if raw is not out:
+                    self._normalize(raw, stores, rows, out)
             else:
                 raw = self._read_raw(rt, stores, rows)
                 norm = np.empty(raw.shape, dtype=np.float32)
@@ -661,7 +725,7 @@ class BetasDataset(Dataset):
             collated["subject"] = [self.stores[0].subject] * len(idx)
         else:
             collated["subject"] = [self.stores[s].subject for s in item_store.tolist()]
-        if get_worker_info() is None:
+        if not worker:
             return collated
         batch = WorkerBatch(collated)
         batch.slot = slot
