@@ -494,3 +494,35 @@ def test_estimate_fits_a_ceiling_by_reading_smaller_blocks():
     assert free["store_files"] == 2 * 1460 + 7
     with pytest.raises(InputError, match=r"nsd_stimuli\.hdf5: memory\.ceiling_mb 400 is below"):
         stimuli_estimate(meta, 73000, (224,), ceiling_mb=400)
+
+
+def test_freed_image_buffers_are_reused_not_refaulted():
+    # convert_stimuli frees and allocates image- and shard-sized buffers all the time: after
+    # memory.reuse_freed_buffers they come back from the heap, not as fresh zeroed pages
+    code = """
+import resource, sys
+import numpy as np
+from nsdzarr.prepare.memory import reuse_freed_buffers
+if sys.argv[1] == "on":
+    assert reuse_freed_buffers()
+def shards():  # a few shard-sized buffers written, then freed together (as shards in flight)
+    bufs = [np.ones(20 << 20, np.uint8) for _ in range(4)]
+    del bufs
+for _ in range(3):  # the first allocations fault their pages in
+    shards()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    shards()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    faults = {}
+    for mode in ("on", "off"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr
+        faults[mode] = int(out.stdout.split()[-1])
+    pages = 20 * (20 << 20) // 4096
+    assert faults["off"] > pages / 20, faults  # glibc's default trims and refaults them
+    assert faults["on"] < pages / 100, faults

@@ -257,9 +257,7 @@ MALLOC_ARENAS = 1
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
-def limit_malloc_arenas() -> bool:
-    """Have threads started from now on share MALLOC_ARENAS malloc arenas (glibc ``mallopt``),
-    so that freed large buffers are reused instead of held per thread; False elsewhere."""
+def _mallopt(param: int, value: int) -> bool:
     import ctypes
     import ctypes.util
 
@@ -269,7 +267,31 @@ def limit_malloc_arenas() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
+    return mallopt(param, value) == 1
+
+
+def limit_malloc_arenas() -> bool:
+    """Have threads started from now on share MALLOC_ARENAS malloc arenas (glibc ``mallopt``),
+    so that freed large buffers are reused instead of held per thread; False elsewhere."""
+    return _mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+# The stimulus job allocates and frees ~5 image- or shard-sized buffers per image (zarr-python's
+# chunk copies, the assembled shard, tensorstore's read-back): served by mmap each one costs
+# fresh zeroed pages, half the job's system time (4000 425 x 425 images: 5.1 -> 2.6 CPU s,
+# benchmarks/README.md, 2026-12-01). Served from the (one) heap and kept there after free,
+# they are reused; what the heap keeps is at most the peak it already had.
+MMAP_THRESHOLD_BYTES = 32 * MB  # glibc's largest allowed (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD_BYTES = 1024 * MB
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_buffers() -> bool:
+    """Serve buffers up to MMAP_THRESHOLD_BYTES from the heap and keep freed heap memory up
+    to TRIM_THRESHOLD_BYTES for reuse (glibc ``mallopt``); False elsewhere."""
+    return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _mallopt(
+        _M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES
+    )
 
 
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at

@@ -37,6 +37,7 @@ from nsdzarr.prepare.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
     limit_malloc_arenas,
+    reuse_freed_buffers,
     stimuli_block_rows,
     stimuli_peak,
 )
@@ -277,6 +278,7 @@ def convert_stimuli(
         raise InputError(source, f"resize sizes must be positive, got {sizes}")
     remove_stale_temporaries(target)
     limit_malloc_arenas()  # else freed shard buffers stay in each thread's malloc arena
+    reuse_freed_buffers()  # else each image's buffers are fresh zeroed pages
     with open_stimuli(source) as dset:
         n_rows, h, w, c = dset.shape
         ids = select_ids(source, nsd_ids, n_rows)
