@@ -313,7 +313,8 @@ REPORT = convert_stimuli(SOURCE, TARGET, sizes=SIZES, settings=StimuliStorage(**
 
 EPILOGUE = """
 wall = time.perf_counter() - t
-fig = {"wall": wall, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+use = resource.getrusage(resource.RUSAGE_SELF)
+fig = {"wall": wall, "rss": use.ru_maxrss * 1024, "cpu": use.ru_utime + use.ru_stime}
 if "REPORT" in globals():
     fig.update(read_s=REPORT["read_seconds"], verify_s=REPORT["verify_seconds"])
 print(json.dumps(fig))
@@ -779,6 +780,7 @@ def main() -> None:
         ratio = f"{base['wall'] / fig['wall']:.2f}" if base else "-"
         if "read_s" in fig:
             name += f" (reads {fig['read_s']:.1f} s, verify {fig['verify_s']:.1f} s)"
+        name += f" [process CPU {fig['cpu']:.1f} s]"  # imports included
         rows.append(
             (
                 "convert (x source read)",
