@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,10 +27,12 @@ from nsdzarr.prepare.estimate import stimuli_estimate, write_stimuli_estimate
 from nsdzarr.prepare.memory import DEFAULT_STIMULI_BUDGET_BYTES, request_mb, stimuli_peak
 from nsdzarr.prepare.stimuli import (
     LAYOUT,
+    _prefetch,
     convert_stimuli,
     ids_from_trials,
     image_checksums,
     plan_reads,
+    source_byte_range,
     stimuli_metadata,
 )
 from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage
@@ -494,3 +497,68 @@ def test_estimate_fits_a_ceiling_by_reading_smaller_blocks():
     assert free["store_files"] == 2 * 1460 + 7
     with pytest.raises(InputError, match=r"nsd_stimuli\.hdf5: memory\.ceiling_mb 400 is below"):
         stimuli_estimate(meta, 73000, (224,), ceiling_mb=400)
+
+
+def test_freed_image_buffers_are_reused_not_refaulted():
+    # convert_stimuli frees and allocates image- and shard-sized buffers all the time: after
+    # memory.reuse_freed_buffers they come back from the heap, not as fresh zeroed pages
+    code = """
+import resource, sys
+import numpy as np
+from nsdzarr.prepare.memory import reuse_freed_buffers
+if sys.argv[1] == "on":
+    assert reuse_freed_buffers()
+def shards():  # a few shard-sized buffers written, then freed together (as shards in flight)
+    bufs = [np.ones(20 << 20, np.uint8) for _ in range(4)]
+    del bufs
+for _ in range(3):  # the first allocations fault their pages in
+    shards()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    shards()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    faults = {}
+    for mode in ("on", "off"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr
+        faults[mode] = int(out.stdout.split()[-1])
+    pages = 20 * (20 << 20) // 4096
+    assert faults["off"] > pages / 20, faults  # glibc's default trims and refaults them
+    assert faults["on"] < pages / 100, faults
+
+
+@pytest.mark.parametrize("chunks", [None, "1", "4", "2x5"])
+def test_read_ahead_names_the_bytes_of_the_rows(tmp_path: Path, chunks: str | None):
+    # the source rows convert_stimuli reads next are prefetched from disk by their byte range
+    data = source_images(40, 12, 9)
+    src = write_brick(tmp_path / "s.hdf5", data, chunks)
+    with h5py.File(src) as f:
+        d = f["imgBrick"]
+        for r0, r1 in ((0, 40), (8, 16), (13, 27)):
+            start, stop = source_byte_range(d, r0, r1)
+            raw = np.fromfile(src, np.uint8, stop - start, offset=start)
+            c = d.chunks[0] if chunks else 1
+            a, b = r0 - r0 % c, -(-r1 // c) * c  # whole chunks
+            if chunks is None or "x" not in chunks:  # rows stored as they are, in order
+                np.testing.assert_array_equal(raw, data[a:b].reshape(-1))
+            else:  # 2 x 5 tiles, two per chunk row (the edge one padded), in order
+                assert stop - start == (b - a) // c * 2 * d.chunks[0] * 12 * 5 * 3
+    if shutil.which("fincore") is None:
+        return
+    # a brick bigger than the kernel's own read-ahead of its header: 200 rows of 12 KB
+    big = write_brick(tmp_path / "big.hdf5", source_images(200, 64, 64), chunks)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with h5py.File(big) as f:
+            _prefetch(fd, f["imgBrick"], (100, 180))  # 80 rows, 983 KB
+        res = subprocess.run(["fincore", "-b", "-n", "-r", "-o", "RES", str(big)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        assert int(res.stdout.split()[0]) >= 80 * 64 * 64 * 3
+    finally:
+        os.close(fd)

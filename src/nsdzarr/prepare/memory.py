@@ -5,8 +5,10 @@ Terms are fitted to measured peak RSS (``benchmarks/calibrate_memory.py``); keep
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 MB = 1024**2
 
@@ -324,25 +326,49 @@ def surface_estimate_peak(n_trials: int, itemsize: int = 4) -> int:
 # (benchmarks/README.md, 2026-12-01).
 MALLOC_ARENAS = 1
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
-_ARENAS_LIMITED: bool | None = None
+
+
+@functools.cache
+def _libc_mallopt() -> Any:
+    """glibc's ``mallopt``, loaded once per process (None without glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
+def _mallopt(param: int, value: int) -> bool:
+    mallopt = _libc_mallopt()
+    return mallopt is not None and mallopt(param, value) == 1
 
 
 def limit_malloc_arenas() -> bool:
     """Have threads started from now on share MALLOC_ARENAS malloc arenas (glibc ``mallopt``),
     so that freed large buffers are reused instead of held per thread; False elsewhere."""
-    import ctypes
-    import ctypes.util
+    return _mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
-    global _ARENAS_LIMITED
-    if _ARENAS_LIMITED is None:  # once per process: job, convert and library calls share it
-        try:
-            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-        except (OSError, AttributeError):
-            _ARENAS_LIMITED = False
-        else:
-            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            _ARENAS_LIMITED = mallopt(_M_ARENA_MAX, MALLOC_ARENAS) == 1
-    return _ARENAS_LIMITED
+
+# The stimulus job allocates and frees ~5 image- or shard-sized buffers per image (zarr-python's
+# chunk copies, the assembled shard, tensorstore's read-back): served by mmap each one costs
+# fresh zeroed pages, half the job's system time (4000 425 x 425 images: 5.1 -> 2.6 CPU s,
+# benchmarks/README.md, 2026-12-01). Served from the (one) heap and kept there after free,
+# they are reused; what the heap keeps is at most the peak it already had.
+MMAP_THRESHOLD_BYTES = 32 * MB  # glibc's largest allowed (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD_BYTES = 1024 * MB
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_buffers() -> bool:
+    """Serve buffers up to MMAP_THRESHOLD_BYTES from the heap and keep freed heap memory up
+    to TRIM_THRESHOLD_BYTES for reuse (glibc ``mallopt``); False elsewhere."""
+    return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _mallopt(
+        _M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES
+    )
 
 
 # Stimulus conversion (stimuli.py): rows are read in blocks of at most this many bytes (at

@@ -1,7 +1,8 @@
 """Convert the NSD stimulus brick (``imgBrick``, ``(N, H, W, 3)`` uint8) into a Zarr v3 store.
 
 Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
-a memory budget (straight into the shard buffer when every row of a block is wanted); whole
+a memory budget (straight into the shard buffer when every row of a block is wanted), the
+next rows' bytes handed to the kernel's read-ahead (``posix_fadvise``) before each read; whole
 shards are checksummed and written by zarr-python on a small thread pool, and each is read
 back through an independent Zarr reader (``verify.ReadBack``) and compared with its rows.
 """
@@ -37,6 +38,7 @@ from nsdzarr.prepare.memory import (
     DEFAULT_STIMULI_BUDGET_BYTES,
     STIMULI_SHARDS_IN_FLIGHT,
     limit_malloc_arenas,
+    reuse_freed_buffers,
     stimuli_block_rows,
     stimuli_peak,
 )
@@ -178,6 +180,44 @@ def _read_rows(dset: h5py.Dataset, r0: int, r1: int, buf: np.ndarray) -> np.ndar
     return out
 
 
+def source_byte_range(dset: h5py.Dataset, r0: int, r1: int) -> tuple[int, int] | None:
+    """File bytes ``[start, stop)`` holding rows ``[r0, r1)``: the contiguous layout's, or its
+    first to last chunk's when they lie in order, about as many bytes as the rows; else None."""
+    row = dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
+    try:
+        if dset.chunks is None:
+            off = dset.id.get_offset()
+            return None if off is None else (off + r0 * row, off + r1 * row)
+        c = dset.chunks
+        first = dset.id.get_chunk_info_by_coord((r0 - r0 % c[0],) + (0,) * (dset.ndim - 1))
+        end = [(d - 1) // k * k for d, k in zip(dset.shape, c, strict=True)]
+        last = dset.id.get_chunk_info_by_coord((r1 - 1 - (r1 - 1) % c[0], *end[1:]))
+        start, stop = first.byte_offset, last.byte_offset + last.size
+    except Exception:  # unallocated chunks, an old HDF5: a read-ahead hint only
+        return None
+    if start is None or not 0 < stop - start <= 2 * (r1 - r0 + c[0]) * row:
+        return None
+    return start, stop
+
+
+def _prefetch(fd: int, dset: h5py.Dataset, rows: tuple[int, int] | None) -> None:
+    """Ask the kernel to start reading ``rows`` of the source from disk now (the page cache,
+    not this process, holds them), so that the read after this one does not wait on the disk."""
+    span = rows and source_byte_range(dset, *rows)
+    if span:
+        os.posix_fadvise(fd, span[0], span[1] - span[0], os.POSIX_FADV_WILLNEED)
+
+
+def _rows_after(reads: list[tuple[int, int]], i: int, b: int, count: int) -> tuple[int, int] | None:
+    """The next ``count`` rows the plan reads after row ``b`` of its read ``i``."""
+    if b < reads[i][1]:
+        return b, min(reads[i][1], b + count)
+    if i + 1 < len(reads):
+        r0, r1 = reads[i + 1]
+        return r0, min(r1, r0 + count)
+    return None
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -252,6 +292,14 @@ def _write_shard(
     return done
 
 
+@contextmanager
+def _closing_fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def convert_stimuli(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -277,6 +325,7 @@ def convert_stimuli(
         raise InputError(source, f"resize sizes must be positive, got {sizes}")
     remove_stale_temporaries(target)
     limit_malloc_arenas()  # else freed shard buffers stay in each thread's malloc arena
+    reuse_freed_buffers()  # else each image's buffers are fresh zeroed pages
     with open_stimuli(source) as dset:
         n_rows, h, w, c = dset.shape
         ids = select_ids(source, nsd_ids, n_rows)
@@ -293,7 +342,9 @@ def convert_stimuli(
         rows: np.ndarray | None = None
         shard_rows = min(settings.images_per_shard, n)
         log.info("converting %d of %d images %dx%d from %s", n, n_rows, h, w, source)
+        fd = os.open(source, os.O_RDONLY)  # read-ahead hints only: h5py reads the rows
         with (
+            _closing_fd(fd),
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
@@ -334,7 +385,7 @@ def convert_stimuli(
             shard = np.empty((shard_rows, h, w, c), np.uint8)
             filled = written = 0
             read_s = 0.0
-            for r0, r1 in reads:
+            for i, (r0, r1) in enumerate(reads):
                 lo, hi = np.searchsorted(ids, [r0, r1])
                 wanted = ids[lo:hi] - r0
                 whole = direct and len(wanted) == r1 - r0
@@ -343,6 +394,7 @@ def convert_stimuli(
                         most = max(b - a for a, b in reads)
                         buf = np.empty((min(max_rows, most), h, w, c), np.uint8)
                     t0 = time.perf_counter()
+                    _prefetch(fd, dset, _rows_after(reads, i, r1, r1 - r0))
                     rows = _read_rows(dset, r0, r1, buf)
                     read_s += time.perf_counter() - t0
                 pos = 0
@@ -352,6 +404,7 @@ def convert_stimuli(
                     if whole:
                         t0 = time.perf_counter()
                         a = r0 + pos
+                        _prefetch(fd, dset, _rows_after(reads, i, a + take, shard_rows))
                         _read_rows(dset, a, a + take, shard[filled:])
                         read_s += time.perf_counter() - t0
                     elif take and sel[-1] - sel[0] == take - 1:  # a run: one slice copy
