@@ -454,8 +454,10 @@ def main() -> None:
 
     sink = np.empty(N_VOX, np.int16)
     ceilings = {
-        name: (encoded_rows(dset), Decoder(dset.stores[0].layout.codec))
+        # each chunk ends with its crc32c (storage.chunk_codecs), unchecked as the loader's default
+        name: (encoded_rows(dset), Decoder(lay.codec, lay.chunk_crc, verify=False))
         for name, dset in (("zstd", ds), ("lz4", ds_lz4))
+        for lay in [dset.stores[0].layout]
     }
 
     def decode_only(codec: str) -> Callable[[int], None]:
