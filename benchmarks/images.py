@@ -73,6 +73,7 @@ MB = 1024**2
 COLD = " [cold: source evicted]"
 BASE_READ = "source read alone (h5py read_direct, 100-image blocks)"
 OURS_COLD = "ours: convert_stimuli" + COLD
+ZARR_WRITER = "ours: convert_stimuli, writer=zarr-python"
 CODECS = {  # name -> StimuliStorage fields
     "none": {"codec": "none"},
     "blosc-lz4-5": {"codec": "blosc-lz4", "level": 5},
@@ -308,7 +309,7 @@ from nsdzarr.prepare.stimuli import convert_stimuli
 from nsdzarr.prepare.storage import StimuliStorage
 t = time.perf_counter()
 REPORT = convert_stimuli(SOURCE, TARGET, sizes=SIZES, settings=StimuliStorage(**SETTINGS),
-                         threads=2)
+                         threads=2, writer=globals().get("WRITER"))
 """
 
 EPILOGUE = """
@@ -355,6 +356,10 @@ def convert_all(data: Path, parts: set[str], rounds: int) -> dict[str, dict[str,
             (BASE_READ, READ_ONLY, {}, None),
             ("ours: convert_stimuli", OURS, {"SIZES": (), "SETTINGS": default}, "none"),
         ]
+    if "ratio" in parts:  # the hand-written shard writer against zarr-python's, same run
+        variants.append(
+            (ZARR_WRITER, OURS, {"SIZES": (), "SETTINGS": default, "WRITER": "zarr-python"}, None)
+        )
     if "convert" in parts:
         variants.insert(1, ("naive: h5py imgBrick[:] + one zarr.create_array", NAIVE, {}, None))
     # the 224 conversion leaves the store the read benchmarks use

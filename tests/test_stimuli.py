@@ -218,8 +218,8 @@ def corrupt_after_write(monkeypatch, flip: Callable[[Path, int], None]) -> None:
     damages the file on disk, before the converter reads it back."""
     real = ShardIO.write
 
-    def write(io: ShardIO, t0: int, block: np.ndarray) -> None:
-        real(io, t0, block)
+    def write(io: ShardIO, t0: int, block: np.ndarray, *sums: np.ndarray) -> None:
+        real(io, t0, block, *sums)
         flip(Path(io.shard_file(t0)), t0)
 
     monkeypatch.setattr(ShardIO, "write", write)
@@ -276,11 +276,12 @@ def test_a_valid_but_wrong_image_on_disk_is_named(tmp_path: Path, monkeypatch, r
     store = tmp_path / "stim.zarr"
     real = ShardIO.write
 
-    def write(io: ShardIO, t0: int, block: np.ndarray) -> None:
+    def write(io: ShardIO, t0: int, block: np.ndarray, *sums: np.ndarray) -> None:
         if t0 == 8 and io.arr.path == "images":
             block = block.copy()
             block[3, 6, 4, 2] ^= 1  # row 11: nsd_id 13
-        real(io, t0, block)
+            sums = ()  # each writer checksums the bytes it was given
+        real(io, t0, block, *sums)
 
     monkeypatch.setattr(ShardIO, "write", write)
     settings = StimuliStorage(images_per_shard=8)

@@ -84,17 +84,21 @@ def source_attrs(source: Path) -> dict[str, Any]:
 
 
 class ShardIO:
-    """Whole-shard writes of one array through zarr-python (our own shard writer measured no
-    faster: benchmarks/README.md, 2026-12-01)."""
+    """Whole-shard writes of one array through zarr-python (a hand-written writer measured no
+    faster on the compressed session stores; raw image stores: ``raw_shards``)."""
 
     def __init__(self, arr: zarr.Array, root: Path) -> None:
         self.arr, self.root = arr, root
         self.layout = parse_layout(root / arr.path)[1]
 
-    def write(self, t0: int, block: np.ndarray) -> None:
-        self.arr[t0 : t0 + len(block)] = block
+    def write(self, t0: int, block: np.ndarray, sums: np.ndarray | None = None) -> None:
+        """Write rows ``t0..`` (whole shards; ``sums``: each row's crc32c, if known)."""
+        self._store(t0, block, sums)
         shard = self.arr.shards[0]
         pause_after_shard(t0 // shard + 1, -(-self.arr.shape[0] // shard))
+
+    def _store(self, t0: int, block: np.ndarray, sums: np.ndarray | None) -> None:
+        self.arr[t0 : t0 + len(block)] = block
 
     def shard_file(self, t0: int) -> str:
         """The file of the shard holding row ``t0``."""

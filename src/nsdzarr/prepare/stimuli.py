@@ -42,6 +42,7 @@ from nsdzarr.prepare.memory import (
     stimuli_block_rows,
     stimuli_peak,
 )
+from nsdzarr.prepare.raw_shards import RawShardIO, shard_io
 from nsdzarr.prepare.storage import (
     STIMULI_STORAGE,
     StimuliStorage,
@@ -272,7 +273,7 @@ def _write_shard(
         blocks[f"images_{s}"] = resize_images(block, s)
     for name, rows in blocks.items():
         done.sums[name] = image_checksums(rows)
-        ios[name].write(start, rows)
+        ios[name].write(start, rows, done.sums[name])
     t0 = time.perf_counter()
     for name, rows in blocks.items():
         path = ios[name].shard_file(start)
@@ -309,13 +310,15 @@ def convert_stimuli(
     budget_bytes: int | None = None,
     threads: int = 2,
     reader: str | None = None,
+    writer: str | None = None,
 ) -> dict[str, Any]:
     """Write the images ``nsd_ids`` (all rows if None) of ``source`` and their ``sizes`` x
     ``sizes`` resized copies into the Zarr group ``target``, verified, atomically.
 
     Each shard is read back through ``reader`` (``verify.READERS``; None: tensorstore when
     installed, else zarr-python) once written and compared with its source rows; at the end
-    every shard file must be as it was when checked."""
+    every shard file must be as it was when checked. Shards are written by ``writer``
+    (``raw_shards.WRITERS``; None: by hand when the codec allows, else zarr-python)."""
     t_start = time.perf_counter()
     source, target = Path(source), Path(target)
     settings = settings or STIMULI_STORAGE
@@ -355,7 +358,7 @@ def convert_stimuli(
                 arrays[f"images_{s}"] = create_image_array(
                     group, f"images_{s}", (n, s, s, c), settings
                 )
-            ios = {name: ShardIO(arr, Path(tmp)) for name, arr in arrays.items()}
+            ios = {name: shard_io(arr, Path(tmp), writer) for name, arr in arrays.items()}
             verified_by = reader or default_reader()
             backs = {name: ReadBack(Path(tmp) / name, verified_by) for name in arrays}
             sums = {name: np.zeros(n, np.uint32) for name in arrays}
@@ -469,6 +472,7 @@ def convert_stimuli(
         "verify_seconds": round(verify_s, 3),  # summed over the writing threads
         "read_seconds": round(read_s, 3),
         "verified_by": verified_by,
+        "writer": "raw" if isinstance(ios["images"], RawShardIO) else "zarr-python",
         "seconds": round(time.perf_counter() - t_start, 3),
         "predicted_peak_bytes": stimuli_peak(
             (n_rows, h, w, c),
