@@ -80,6 +80,7 @@ def test_a_store_is_the_same_whichever_writer(tmp_path: Path):
     with h5py.File(src, "w") as f:
         f.create_dataset("imgBrick", data=data, chunks=(1, 9, 7, 3))
     stores = {}
+    fds = set(os.listdir("/proc/self/fd"))
     for writer in ("raw", "zarr-python"):
         store = tmp_path / f"{writer}.zarr"
         report = convert_stimuli(
@@ -87,6 +88,9 @@ def test_a_store_is_the_same_whichever_writer(tmp_path: Path):
             writer=writer,
         )  # fmt: skip
         assert report["writer"] == writer
+        # hand-written shards are read back by the loader's reader, which closes its files
+        assert report["verified_by"] == ("nsdzarr" if writer == "raw" else "tensorstore")
+        assert set(os.listdir("/proc/self/fd")) <= fds
         stores[writer] = files_of(store)
     assert stores["raw"].keys() == stores["zarr-python"].keys()
     for name in stores["raw"]:

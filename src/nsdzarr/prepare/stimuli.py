@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -315,8 +315,9 @@ def convert_stimuli(
     """Write the images ``nsd_ids`` (all rows if None) of ``source`` and their ``sizes`` x
     ``sizes`` resized copies into the Zarr group ``target``, verified, atomically.
 
-    Each shard is read back through ``reader`` (``verify.READERS``; None: tensorstore when
-    installed, else zarr-python) once written and compared with its source rows; at the end
+    Each shard is read back through ``reader`` (``verify.READERS``; None: the loader's own
+    for raw shards written by hand, else tensorstore when installed, else zarr-python) once
+    written and compared with its source rows; at the end
     every shard file must be as it was when checked. Shards are written by ``writer``
     (``raw_shards.WRITERS``; None: by hand when the codec allows, else zarr-python)."""
     t_start = time.perf_counter()
@@ -351,6 +352,7 @@ def convert_stimuli(
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
+            ExitStack() as stack,
         ):
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
@@ -359,8 +361,10 @@ def convert_stimuli(
                     group, f"images_{s}", (n, s, s, c), settings
                 )
             ios = {name: shard_io(arr, Path(tmp), writer) for name, arr in arrays.items()}
-            verified_by = reader or default_reader()
+            raw = all(isinstance(io, RawShardIO) for io in ios.values())
+            verified_by = reader or ("nsdzarr" if raw else default_reader())
             backs = {name: ReadBack(Path(tmp) / name, verified_by) for name in arrays}
+            stack.callback(lambda: [back.close() for back in backs.values()])
             sums = {name: np.zeros(n, np.uint32) for name in arrays}
             files: dict[str, tuple[int, int, int]] = {}
             pending: deque[tuple[int, Future[_Checked], np.ndarray]] = deque()

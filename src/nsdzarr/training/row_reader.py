@@ -19,11 +19,17 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
 from nsdzarr.errors import InputError
-from nsdzarr.training.zarr_v3 import EMPTY, ArrayLayout, Decoder, index_nbytes, parse_shard_index
+from nsdzarr.training.zarr_v3 import (
+    EMPTY,
+    ArrayLayout,
+    Decoder,
+    crc32c_value,
+    index_nbytes,
+    parse_shard_index,
+)
 
 COALESCE_GAP = 64 * 1024  # one read for chunks this close in one shard file
 COALESCE_MAX = 16 * 2**20
@@ -312,7 +318,7 @@ class ShardRows:
             stored = sums.view("<u4").ravel().tolist()
             for c, (f, _, dests) in enumerate(chunks):
                 j0 = dests[0][0]
-                if google_crc32c.value(rows[j0 * n : (j0 + 1) * n]) != stored[c]:
+                if crc32c_value(rows[j0 * n : (j0 + 1) * n]) != stored[c]:
                     raise _BadChunk(o, f, j0, "crc32c checksum mismatch")
         for _, _, dests in chunks:
             j0 = dests[0][0]

@@ -29,6 +29,16 @@ from nsdzarr.training.fallbacks import numcodecs_c_library
 
 EMPTY = 2**64 - 1  # offset and size of an empty chunk in a shard index
 
+try:  # SSE4.2 and GIL-free, ~3x google_crc32c here (the verify extra); the same values
+    from crc32c import crc32c as _fast_crc32c
+except ImportError:
+    _fast_crc32c = None
+
+
+def crc32c_value(buf: Any) -> int:
+    """CRC32C of a buffer's bytes, through the ``crc32c`` package when installed."""
+    return _fast_crc32c(buf) if _fast_crc32c is not None else google_crc32c.value(buf)
+
 
 @dataclass(frozen=True)
 class ArrayLayout:
@@ -156,7 +166,7 @@ def strip_crc(buf: np.ndarray, off: int, nb: int, verify: bool = True) -> int:
     nb -= 4
     if verify:
         stored = int.from_bytes(buf[off + nb : off + nb + 4], "little")
-        got = google_crc32c.value(buf[off : off + nb])
+        got = crc32c_value(buf[off : off + nb])
         if got != stored:
             raise ValueError(f"crc32c checksum mismatch (stored {stored:#010x}, got {got:#010x})")
     return nb
@@ -265,7 +275,7 @@ def parse_shard_index(lay: ArrayLayout, raw: bytes, file_size: int, path: str) -
     n = lay.n_inner
     if len(raw) != index_nbytes(lay):
         raise InputError(path, f"shard file truncated ({file_size} bytes); store corrupt")
-    if lay.index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+    if lay.index_crc and crc32c_value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise InputError(path, "shard index checksum mismatch; store corrupt")
     idx = np.frombuffer(raw, dtype="<u8", count=2 * n).reshape(n, 2).astype(np.uint64)
     lo, hi = (0, file_size - len(raw)) if lay.index_at_end else (len(raw), file_size)
