@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -28,13 +29,14 @@ def _problem_opening(path: Path) -> str | None:
     return None
 
 
-def open_hdf5(path: str | os.PathLike[str]) -> h5py.File:
-    """``path`` opened read-only; InputError (one line) if missing, unreadable or not HDF5."""
+def open_hdf5(path: str | os.PathLike[str], **options: Any) -> h5py.File:
+    """``path`` opened read-only (``options``: h5py.File's); InputError (one line) if missing,
+    unreadable or not HDF5."""
     problem = _problem_opening(Path(path))
     if problem:
         raise InputError(path, problem)
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", **options)
     except OSError as e:
         raise InputError(path, f"cannot open as HDF5 (truncated or corrupt?): {e}") from None
 

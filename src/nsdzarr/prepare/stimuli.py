@@ -68,7 +68,9 @@ GAP_BYTES = 4 << 20
 def open_stimuli(path: str | os.PathLike[str]) -> Iterator[h5py.Dataset]:
     """Yield the checked ``imgBrick`` dataset of ``path``; InputError (one line) if unusable."""
     path = Path(path)
-    f = open_hdf5(path)
+    # no chunk cache: every read takes whole chunks once (plan_reads), which HDF5 then reads
+    # straight into the caller's buffer instead of through the cache (0.53 vs 0.88 CPU s / 2 GB)
+    f = open_hdf5(path, rdcc_nbytes=0)
     try:
         try:
             obj = f.get(DATASET)
@@ -278,14 +280,17 @@ def _write_shard(
     for name, rows in blocks.items():
         path = ios[name].shard_file(start)
         done.files[path] = file_state(path)  # before the read: any later write changes it
-        try:
-            got = backs[name].rows(start, start + len(rows))
+        try:  # each image's crc32c against its source row's: from the page cache if it can
+            sums = backs[name].checksums(start, start + len(rows))
+            if sums is None:
+                got = backs[name].rows(start, start + len(rows))
+                sums = image_checksums(got) if got.shape == rows.shape else None
         except Exception as err:  # any codec or index error means the bytes on disk are bad
             row = _first_unreadable(backs[name], start, len(rows))
             done.bad = (name, row, f"unreadable ({type(err).__name__}: {err})")
             return done
-        # each image's crc32c against its source row's (no shard-sized temporary, GIL free)
-        if got.shape != rows.shape or not np.array_equal(image_checksums(got), done.sums[name]):
+        if sums is None or not np.array_equal(sums, done.sums[name]):
+            got = backs[name].rows(start, start + len(rows))
             diff = [j for j in range(len(rows)) if not np.array_equal(got[j], rows[j])]
             done.bad = (name, diff[0] if diff else 0, "differs from its source")
             return done

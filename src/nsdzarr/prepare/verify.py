@@ -103,14 +103,34 @@ class ReadBack:
             return out
         return self.array[a:b]
 
-    def _thread_reader(self) -> Any:
-        own = getattr(self._local, "reader", None)
+    def _thread_reader(self, verify: bool = True) -> Any:
+        own = getattr(self._local, f"reader{verify}", None)
         if own is None:
             from nsdzarr.training.row_reader import ShardRows
 
-            own = self._local.reader = ShardRows(self.layout, max_open=2, what="row")
+            own = ShardRows(self.layout, max_open=1, what="row", verify=verify)
+            setattr(self._local, f"reader{verify}", own)
             self._own.append(own)
         return own
+
+    def checksums(self, a: int, b: int) -> np.ndarray | None:
+        """CRC32C of rows ``[a, b)`` as they are on disk, from the page cache without a copy,
+        each checked against the crc32c stored after it (ValueError if one differs); None
+        where only :meth:`rows` reads (other readers, compressed or damaged chunks)."""
+        if self.reader != "nsdzarr" or not self.layout.chunk_crc:
+            return None
+        stored = np.empty(b - a, np.uint32)
+        own = self._thread_reader(verify=False)
+        views = own.row_views(np.arange(a, b), stored)
+        if views is None:
+            return None
+        got = np.fromiter((crc32c(v) for v in views), np.uint32, count=len(views))
+        del views
+        own.close()  # the shard's pages leave this process's memory
+        if not np.array_equal(got, stored):
+            row = a + int(np.flatnonzero(got != stored)[0])
+            raise ValueError(f"row {row}: crc32c checksum mismatch")
+        return got
 
     def close(self) -> None:
         """Close the files the nsdzarr reader keeps open (the others keep none)."""

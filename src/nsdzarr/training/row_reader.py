@@ -139,14 +139,17 @@ class ShardRows:
             )
         return dec
 
-    def row_views(self, rows: np.ndarray) -> list[np.ndarray] | None:
+    def row_views(
+        self, rows: np.ndarray, stored: np.ndarray | None = None
+    ) -> list[np.ndarray] | None:
         """Read-only views of the rows in the page cache (raw one-row chunks, the ROI default),
         through mappings of the shard files kept like fds: the caller casts each row straight
         into its batch, with no syscall and no copy in between. None when the layout or a
         chunk (empty, damaged) needs :meth:`read_rows`, which reports damage.
 
         The views are valid until the next call; a shard file truncated in place while mapped
-        would raise SIGBUS (stores are replaced by renaming, which this never sees)."""
+        would raise SIGBUS (stores are replaced by renaming, which this never sees). ``stored``
+        (uint32, one per row) receives each row's crc32c as stored after it, unchecked."""
         lay = self.layout
         if lay.codec is not None or lay.inner[0] != 1 or not len(rows):
             return None
@@ -174,6 +177,8 @@ class ShardRows:
             if f + n > len(m):
                 return None
             views.append(m[f : f + n].view(dtype).reshape(row_shape))
+            if stored is not None:
+                stored[len(views) - 1] = int.from_bytes(m[f + n : f + n + 4], "little")
         self.trim()
         return views
 
