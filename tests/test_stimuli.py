@@ -563,3 +563,31 @@ def test_read_ahead_names_the_bytes_of_the_rows(tmp_path: Path, chunks: str | No
         assert int(res.stdout.split()[0]) >= 80 * 64 * 64 * 3
     finally:
         os.close(fd)
+
+
+@pytest.mark.slow
+def test_stimuli_job_peak_stays_within_its_model(tmp_path: Path):
+    """The default store (raw, written by hand) of a brick chunked one image per chunk: the
+    job's VmHWM is within its model, and the model at most 1.3x it."""
+    n, h, w, per_shard = 400, 425, 425, 100  # 216 MB, 54 MB shards
+    src = tmp_path / "brick.hdf5"
+    with h5py.File(src, "w") as f:
+        d = f.create_dataset("imgBrick", (n, h, w, 3), np.uint8, chunks=(1, h, w, 3))
+        for s in range(0, n, 100):
+            d[s : s + 100] = source_images(100, h, w, seed=s)
+    code = f"""
+import json
+from nsdzarr.prepare.stimuli import convert_stimuli
+from nsdzarr.prepare.storage import StimuliStorage
+r = convert_stimuli({str(src)!r}, {str(tmp_path / "s.zarr")!r},
+                    settings=StimuliStorage(images_per_shard={per_shard}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps([r["writer"], r["predicted_peak_bytes"], int(hwm.split()[1]) * 1024]))
+"""
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    writer, model, peak = json.loads(out.stdout.splitlines()[-1])
+    assert writer == "raw"
+    assert model == stimuli_peak((n, h, w, 3), n, per_shard, chunked=True)
+    assert peak <= model <= 1.3 * peak, (peak >> 20, model >> 20)

@@ -240,8 +240,11 @@ def stimuli_estimate(
     per_shard = settings.images_per_shard
     limit = budget_bytes(ceiling_mb)
     codec = settings.codec
-    read_budget = stimuli_read_budget(shape, n_images, per_shard, sizes, chunk_rows, limit, codec)
-    peak = stimuli_peak(shape, n_images, per_shard, sizes, read_budget, chunk_rows, codec)
+    chunked = bool(meta.get("chunks"))
+    read_budget = stimuli_read_budget(
+        shape, n_images, per_shard, sizes, chunk_rows, limit, codec, chunked
+    )
+    peak = stimuli_peak(shape, n_images, per_shard, sizes, read_budget, chunk_rows, codec, chunked)
     if ceiling_mb and request_mb(peak) > ceiling_mb:
         raise InputError(
             meta["path"],

@@ -46,6 +46,7 @@ SLAB_READ_FACTOR = 2.1
 # The independent read-back (verify.ReadBack): the reader's library and thread arenas
 # (tensorstore; zarr-python's is less), besides one read-back copy per in-flight shard.
 # 32 MB fell 6 MB short on a 378 MB brick with tensorstore and crc32c installed (CI, 2026-12-01).
+# Raw image shards are read back by the loader's reader, which loads no library.
 VERIFY_READER_BYTES = 48 * MB
 # The independent read-back after writing (convert.verify_store: verify.read_blocks through
 # tensorstore, else zarr-python): each block of rows (one shard) is checksummed while the next
@@ -376,12 +377,12 @@ def reuse_freed_buffers() -> bool:
 DEFAULT_STIMULI_BUDGET_BYTES = 256 * MB
 STIMULI_SHARDS_IN_FLIGHT = 2
 # Bytes held per in-flight shard byte while it is encoded and written (the stimulus analogue of
-# SHARD_WORK_FACTOR). "none": zarr-python's writer holds each chunk with its crc32c and the
-# assembled shard, ~2 copies: peak VmHWM over 800 425 x 425 images at 25/50/100/200 images per
-# shard grew 8.34 bytes per shard byte = 4 + 2 x 2.17 (2026-12-01, benchmarks/README.md; the
-# 0.9 before was fitted on our own shard writer, removed). The others: fitted on 2,000 images
-# (benchmarks/stimuli.py), zstd with that writer, Blosc with zarr-python.
-STIMULI_SHARD_WORK = {"none": 2.2, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
+# SHARD_WORK_FACTOR). "none": written by hand from the shard buffer (raw_shards), no copy; peak
+# VmHWM over 800 425 x 425 images at 25/50/100/200 images per shard grew 3.6-3.9 bytes per shard
+# byte (the 4 of the filling, queued and two mapped read-back shards), from 89 MB (2026-12-01,
+# benchmarks/README.md; zarr-python's writer held 2.2 more). The others: fitted on 2,000 images
+# (benchmarks/stimuli.py), zstd with our old writer, Blosc with zarr-python.
+STIMULI_SHARD_WORK = {"none": 0.0, "zstd": 2.0, "blosc-lz4": 3.75, "blosc-zstd": 3.75}
 
 
 def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None) -> int:
@@ -391,8 +392,14 @@ def stimuli_block_rows(row_bytes: int, chunk_rows: int, budget_bytes: int | None
 
 
 def _stimuli_read_block(
-    shape: tuple[int, ...], n_images: int, budget_bytes: int | None, chunk_rows: int
+    shape: tuple[int, ...],
+    n_images: int,
+    budget_bytes: int | None,
+    chunk_rows: int,
+    chunked: bool = False,
 ) -> int:
+    if chunked and chunk_rows == 1:  # rows read straight into the shard: no read buffer
+        return 0
     row = math.prod(shape[1:])
     rows = stimuli_block_rows(row, chunk_rows, budget_bytes)
     return min(rows, shape[0], -(-n_images // chunk_rows) * chunk_rows) * row
@@ -406,17 +413,19 @@ def stimuli_peak(
     budget_bytes: int | None = None,
     chunk_rows: int = 1,
     codec: str = "none",
+    chunked: bool = False,
 ) -> int:
-    """Peak RSS of converting ``n_images`` rows of an ``(N, H, W, 3)`` uint8 brick."""
+    """Peak RSS of converting ``n_images`` rows of an ``(N, H, W, 3)`` uint8 brick whose
+    dataset is ``chunked`` in blocks of ``chunk_rows`` rows (else contiguous)."""
     row = math.prod(shape[1:])
     shard = min(images_per_shard, n_images) * (row + sum(s * s * shape[-1] for s in sizes))
     return (
         BASELINE_BYTES
         + n_images * 16  # ids and checksums
-        + _stimuli_read_block(shape, n_images, budget_bytes, chunk_rows)
+        + _stimuli_read_block(shape, n_images, budget_bytes, chunk_rows, chunked)
         + 2 * shard  # the shard being filled and one queued
         + int(STIMULI_SHARD_WORK[codec] * STIMULI_SHARDS_IN_FLIGHT * shard)
-        + VERIFY_READER_BYTES
+        + (VERIFY_READER_BYTES if codec != "none" else 0)
         + STIMULI_SHARDS_IN_FLIGHT * shard  # each in-flight shard as read back
     )
 
@@ -429,12 +438,13 @@ def stimuli_read_budget(
     chunk_rows: int = 1,
     limit_bytes: int | None = None,
     codec: str = "none",
+    chunked: bool = False,
 ) -> int:
     """The read budget of the stimulus job: the default, or less so that its predicted peak
     fits ``limit_bytes`` (never below one chunk-row block of the file)."""
     if limit_bytes is None:
         return DEFAULT_STIMULI_BUDGET_BYTES
-    fixed = stimuli_peak(shape, n_images, images_per_shard, sizes, 1, chunk_rows, codec)
-    fixed -= _stimuli_read_block(shape, n_images, 1, chunk_rows)
+    fixed = stimuli_peak(shape, n_images, images_per_shard, sizes, 1, chunk_rows, codec, chunked)
+    fixed -= _stimuli_read_block(shape, n_images, 1, chunk_rows, chunked)
     one_chunk = chunk_rows * math.prod(shape[1:])
     return max(one_chunk, min(DEFAULT_STIMULI_BUDGET_BYTES, limit_bytes - fixed))

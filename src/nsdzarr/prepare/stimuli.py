@@ -341,6 +341,7 @@ def convert_stimuli(
         n = len(ids)
         row_bytes = h * w * c
         chunk_rows = dset.chunks[0] if dset.chunks else 1
+        chunked = dset.chunks is not None
         max_rows = stimuli_block_rows(row_bytes, chunk_rows, budget)
         gap = 0 if dset.chunks else GAP_BYTES // row_bytes
         reads = plan_reads(ids, n_rows, chunk_rows, max_rows, gap)
@@ -491,6 +492,7 @@ def convert_stimuli(
             budget,
             chunk_rows,
             settings.codec,
+            chunked,
         ),
         # the process's lifetime peak (Linux reports KiB): an upper bound of this call's
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
