@@ -74,6 +74,7 @@ COLD = " [cold: source evicted]"
 BASE_READ = "source read alone (h5py read_direct, 100-image blocks)"
 OURS_COLD = "ours: convert_stimuli" + COLD
 ZARR_WRITER = "ours: convert_stimuli, writer=zarr-python"
+READ_WRITE_FLOOR = "floor: source read + one os.write per 50 images (no checks)"
 CODECS = {  # name -> StimuliStorage fields
     "none": {"codec": "none"},
     "blosc-lz4-5": {"codec": "blosc-lz4", "level": 5},
@@ -294,6 +295,23 @@ with h5py.File(SOURCE, "r", rdcc_nbytes=0) as f:  # no chunk cache: h5py's faste
         d.read_direct(buf, np.s_[a:b], np.s_[0 : b - a])
 """
 
+# the floor of any conversion that leaves a store: the source read plus one write of its
+# bytes, 50 images per file (no checksums, no index, no read-back)
+READ_WRITE = """
+import h5py, os
+t = time.perf_counter()
+os.makedirs(TARGET)
+with h5py.File(SOURCE, "r", rdcc_nbytes=0) as f:
+    d = f["imgBrick"]
+    buf = np.empty((50, *d.shape[1:]), np.uint8)
+    for a in range(0, d.shape[0], 50):
+        b = min(a + 50, d.shape[0])
+        d.read_direct(buf, np.s_[a:b], np.s_[0 : b - a])
+        fd = os.open(os.path.join(TARGET, str(a)), os.O_WRONLY | os.O_CREAT)
+        os.write(fd, buf[: b - a])
+        os.close(fd)
+"""
+
 NAIVE = """
 import h5py, zarr
 from nsdzarr.prepare.storage import STIMULI_STORAGE, zarr_compressor
@@ -357,9 +375,10 @@ def convert_all(data: Path, parts: set[str], rounds: int) -> dict[str, dict[str,
             ("ours: convert_stimuli", OURS, {"SIZES": (), "SETTINGS": default}, "none"),
         ]
     if "ratio" in parts:  # the hand-written shard writer against zarr-python's, same run
-        variants.append(
-            (ZARR_WRITER, OURS, {"SIZES": (), "SETTINGS": default, "WRITER": "zarr-python"}, None)
-        )
+        variants += [
+            (ZARR_WRITER, OURS, {"SIZES": (), "SETTINGS": default, "WRITER": "zarr-python"}, None),
+            (READ_WRITE_FLOOR, READ_WRITE, {}, None),
+        ]
     if "convert" in parts:
         variants.insert(1, ("naive: h5py imgBrick[:] + one zarr.create_array", NAIVE, {}, None))
     # the 224 conversion leaves the store the read benchmarks use
@@ -387,7 +406,7 @@ def convert_all(data: Path, parts: set[str], rounds: int) -> dict[str, dict[str,
     for r in range(rounds):
         for temp, cold in temps:
             for name, body, params, keep in variants:
-                if cold and not name.startswith(("source read", "ours: convert_stimuli")):
+                if cold and not name.startswith(("source read", "ours: convert_stimuli", "floor")):
                     continue
                 if cold and "sizes=" in name:
                     continue
@@ -861,6 +880,12 @@ def main() -> None:
             base = conv[BASE_READ + COLD] if name == OURS_COLD else base_read
             x = base["wall"] / conv[name]["wall"]
             print(f"- {name}: {x:.2f}x the source read alone (target >= 0.5): {verdict(x >= 0.5)}")
+        for temp in ("", COLD):
+            floor = conv.get(READ_WRITE_FLOOR + temp)
+            if floor:
+                x = conv[BASE_READ + temp]["wall"] / floor["wall"]
+                y = floor["wall"] / conv["ours: convert_stimuli" + temp]["wall"]
+                print(f"- {READ_WRITE_FLOOR}{temp}: {x:.2f}x the source read; ours {y:.2f}x it")
     if reads:
         ours, h5v, jp = (reads[f"{k} @{SMALL}"] for k in ("ours", "h5py kept open", "JPEG tar"))
         print(
