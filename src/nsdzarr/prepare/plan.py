@@ -25,8 +25,7 @@ from nsdzarr.prepare.memory import estimate_peak, request_mb
 from nsdzarr.prepare.resources import estimate_job_mem_mb
 from nsdzarr.prepare.stimuli import select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage, StorageSettings
-from nsdzarr.prepare.surface import open_session, require_same_vertices
-from nsdzarr.prepare.surface_estimate import first_session_files, sample_ratio, surface_estimate
+from nsdzarr.prepare.surface_estimate import session_meta, surface_estimate
 from nsdzarr.prepare.surface_roi import count_surface_columns
 
 SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
@@ -90,10 +89,7 @@ def _surface_row(
 ) -> dict[str, Any]:
     """One surface session's row, as the workflow's estimate job computes it (surface_estimate)."""
     paths = layout.surface_betas_paths(root, subject, space, beta_version, session)
-    with open_session(paths) as surface:
-        require_same_vertices(surface, first_session_files(paths))
-        meta = surface.metadata()
-        ratio = sample_ratio(surface, settings) if sample else nsd.ASSUMED_SURFACE_COMPRESSION_RATIO
+    meta, ratio = session_meta(paths, settings, sample)
     est = surface_estimate(meta, settings, ratio, ceiling_mb, factor, columns)
     return {
         "subject": subject,

@@ -298,14 +298,6 @@ def _write_shard(
     return done
 
 
-@contextmanager
-def _closing_fd(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def convert_stimuli(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -352,14 +344,14 @@ def convert_stimuli(
         rows: np.ndarray | None = None
         shard_rows = min(settings.images_per_shard, n)
         log.info("converting %d of %d images %dx%d from %s", n, n_rows, h, w, source)
-        fd = os.open(source, os.O_RDONLY)  # read-ahead hints only: h5py reads the rows
         with (
-            _closing_fd(fd),
+            open(source, "rb", buffering=0) as hints,  # read-ahead hints only: h5py reads
             atomic_output(target) as tmp,
             zarr.config.set({"threading.max_workers": threads}),
             ThreadPoolExecutor(max(1, threads)) as pool,
             ExitStack() as stack,
         ):
+            fd = hints.fileno()
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             arrays = {"images": create_image_array(group, "images", (n, h, w, c), settings)}
             for s in sizes:

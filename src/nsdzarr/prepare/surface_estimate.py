@@ -23,6 +23,7 @@ from nsdzarr.prepare.memory import (
     surface_estimate_peak,
     surface_roi_peak,
 )
+from nsdzarr.prepare.nsd import ASSUMED_SURFACE_COMPRESSION_RATIO
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, session_job_minutes
 from nsdzarr.prepare.storage import (
     ROI_STORAGE,
@@ -147,6 +148,18 @@ def _store_meta(store: Path) -> tuple[dict[str, Any], float]:
     return meta, raw / max(size, 1)
 
 
+def session_meta(
+    sources: SessionSources, settings: StorageSettings, sample: bool = True
+) -> tuple[dict[str, Any], float]:
+    """A surface session's metadata and compression ratio (sampled, else NSD's assumed), its
+    vertex counts checked against the subject's first session's."""
+    with open_session(sources) as session:
+        require_same_vertices(session, first_session_files(sources))
+        meta = session.metadata()
+        ratio = sample_ratio(session, settings) if sample else ASSUMED_SURFACE_COMPRESSION_RATIO
+    return meta, ratio
+
+
 def write_surface_estimate(
     sources: SessionSources | str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -161,10 +174,7 @@ def write_surface_estimate(
     if isinstance(sources, (str, os.PathLike)):  # a converted store, its files deleted
         meta, ratio = _store_meta(Path(sources))
     else:
-        with open_session(sources) as session:
-            require_same_vertices(session, first_session_files(sources))
-            meta = session.metadata()
-            ratio = sample_ratio(session, settings)
+        meta, ratio = session_meta(sources, settings)
     columns = {name: count_surface_columns(*spec) for name, spec in (rois or {}).items()}
     estimate = surface_estimate(
         meta, settings, ratio, ceiling_mb, factor, columns, roi_settings(roi_storage)
