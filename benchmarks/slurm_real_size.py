@@ -1,4 +1,4 @@
-"""A real-size 1.8 mm session through profiles/slurm on a SLURM cluster: requests vs sacct.
+"""A real-size 1.8 mm session through profiles/slurm on SLURM: requests vs measured peaks.
 
 Usage: python benchmarks/slurm_real_size.py [--workdir DIR] [--jobs N]
 
@@ -7,7 +7,7 @@ Generates (once) an NSD-layout release with one real-size 1.8 mm session of subj
 brick), runs the workflow on it with ``--workflow-profile profiles/slurm`` and prints, per SLURM
 job, its state, time limit and wall time, and its request (``mem_mb``, the estimate) against
 what sacct measured (the sum of its steps' MaxRSS, as tests/test_slurm.py counts it), and the
-script's predicted peak against the peak Snakemake's benchmark file recorded.
+script's predicted peak against the script's own peak (VmHWM).
 
 sacct samples (jobacct_gather, once a second here) and misses the peaks of short jobs, so a
 watcher thread also reads every job's memory cgroup every 20 ms while it runs and reports its
@@ -56,20 +56,6 @@ def config(root: Path) -> dict:
     """CI's demo config on the generated release (demo off: it is a user's data now)."""
     cfg = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
     return {**cfg, "nsd_root": str(root), "demo": False, "sessions": [1]}
-
-
-def benchmark_peak_mb(workdir: Path, rule: str, wildcards: str) -> float | None:
-    """max_rss (MB) of a job's Snakemake benchmark file, if it has one."""
-    if rule.startswith("stimuli"):
-        path = workdir / "results/benchmarks/stimuli/stimuli.tsv"
-    else:
-        subject, *roi, session = wildcards.split("_")
-        name = f"{'_'.join(roi)}_session{session}" if roi else f"session{session}"
-        path = workdir / f"results/benchmarks/{subject}/{rule}/{name}.tsv"
-    if rule == "stimuli_estimate" or not path.exists():
-        return None
-    header, values = path.read_text().splitlines()[:2]
-    return float(dict(zip(header.split("\t"), values.split("\t"), strict=True))["max_rss"])
 
 
 # SLURM's job cgroups: cgroup v1 (memory controller, slurm[_<node>]/uid_<uid>/job_<id>) and v2
