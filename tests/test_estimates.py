@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +160,30 @@ def test_estimate_job_requests_scale_with_attempts_under_the_ceiling(tmp_path: P
     assert estimate_job_mem_mb(source, attempt=3) == 3 * first
     assert estimate_job_mem_mb(source, attempt=3, ceiling_mb=first + 1) == first + 1
     assert estimate_job_mem_mb(source, factor=2.0) > first  # the safety factor applies
+
+
+def test_estimate_job_request_pays_for_h5py_in_its_snakemakes(tmp_path: Path):
+    """The estimate rule's mem_mb callable loads h5py into each Snakemake process that
+    evaluates it, the two inside the job included; its request covers both (resident memory,
+    not the high-water mark: importing Snakemake's API peaks transiently above it)."""
+    source = tmp_path / "betas_session01.hdf5"
+    write_betas_hdf5(source, np.zeros((750, 6, 7, 8), dtype=np.int16))
+    code = (
+        "import snakemake.api, snakemake.dag, snakemake.workflow\n"
+        "from nsdzarr.prepare.resources import estimate_job_mem_mb\n"
+        "def rss(): return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+        "before = rss()\n"
+        f"estimate_job_mem_mb({str(source)!r})\n"
+        "print((rss() - before) * 1024)\n"  # kB: what stays loaded in that process
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(memory.__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    grown = int(out.stdout.strip() or -1)
+    assert 0 < 2 * grown <= memory.SNAKEMAKE_HDF5_BYTES, (grown / MB, out.stderr[-500:])
+    shape = (750, 6, 7, 8)
+    assert estimate_job_mem_mb(source) == memory.request_mb(
+        memory.estimate_peak(shape, 2) + memory.SNAKEMAKE_HDF5_BYTES
+    )
 
 
 def test_roi_shards_of_the_config_set_the_roi_jobs_memory(demo_root: Path, tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from nsdzarr.prepare.memory import (
     SNAKEMAKE_JOB_BYTES,
     budget_bytes,
     estimate_peak,
+    estimate_request_mb,
     in_memory_peak,
     plan_conversion,
     request_mb,
@@ -109,11 +111,17 @@ def store_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def job_request(
-    peak_bytes: int, factor: float, runtime_min: int, ceiling_mb: int | None = None, **extra: Any
+    peak_bytes: int,
+    factor: float,
+    runtime_min: int,
+    ceiling_mb: int | None = None,
+    *,
+    request: Callable[[int, float], int] = request_mb,
+    **extra: Any,
 ) -> dict[str, Any]:
     """One job's entry in an estimate: ``extra`` facts, its predicted peak, its ``mem_mb``
-    request (capped at ``ceiling_mb`` when given) and its runtime."""
-    mem_mb = request_mb(peak_bytes, factor)
+    request (``request`` of the peak, capped at ``ceiling_mb`` when given) and its runtime."""
+    mem_mb = request(peak_bytes, factor)
     if ceiling_mb:
         mem_mb = min(mem_mb, ceiling_mb)
     return {**extra, "peak_bytes": peak_bytes, "mem_mb": mem_mb, "runtime_min": runtime_min}
@@ -146,7 +154,9 @@ def estimate_from_metadata(
     estimate_bytes = estimate_peak(shape, itemsize)
     jobs: dict[str, dict[str, Any]] = {
         # the estimate job's own request (resources.estimate_job_mem_mb), for the summary
-        "estimate": job_request(estimate_bytes, factor, MIN_RUNTIME_MIN, ceiling_mb),
+        "estimate": job_request(
+            estimate_bytes, factor, MIN_RUNTIME_MIN, ceiling_mb, request=estimate_request_mb
+        ),
         "convert": job_request(
             plan.peak_bytes,
             factor,

@@ -15,11 +15,16 @@ MB = 1024**2
 # Interpreter, libraries, zarr's event loop and threads: the smallest baseline under which
 # benchmarks/calibrate_memory.py finds no job under-predicted (111 MB), plus a margin.
 BASELINE_BYTES = 120 * MB
-# Snakemake's own processes inside a SLURM allocation, beside the job's script: the batch step
-# and the job step that runs the script. sacct MaxRSS on the demo (tests/test_slurm.py): batch
-# ~155 MB + job step ~140 MB = ~295 MB, rounded up; sums of RSS count shared pages twice, so
-# this is on the safe side.
+# Snakemake's own processes inside a SLURM allocation, beside the job's script: the batch
+# step's snakemake and the job step's (~135 MB VmHWM each), srun (8 MB), shells and the two
+# slurmstepd (12 MB, charged to the job's cgroup): 296-304 MB summed VmHWM at 1.8 mm real size
+# (benchmarks/slurm_real_size.py's cgroup watcher, 2026-12-01); sums of RSS count shared pages
+# once per process, so this is on the safe side.
 SNAKEMAKE_JOB_BYTES = 300 * MB
+# The estimate rule's mem_mb callable (resources.estimate_job_mem_mb) imports h5py and opens
+# the source in each Snakemake process, both of the job's included: +12.5 MB each (VmHWM, as
+# above), rounded up.
+SNAKEMAKE_HDF5_BYTES = 2 * 16 * MB
 # Chunk-index arrays per HDF5 chunk (offset, size, z, y, x, filter mask) and their parsing.
 INDEX_BYTES_PER_CHUNK = 40
 # The HDF5 reader's block buffer and transpose scratch (hdf5_read.SessionReader's default);
@@ -151,6 +156,11 @@ def plan_conversion(
 def request_mb(peak_bytes: int, factor: float = 1.0) -> int:
     """SLURM ``mem_mb`` for a script's peak: plus Snakemake's own processes, times ``factor``."""
     return math.ceil((peak_bytes + SNAKEMAKE_JOB_BYTES) / MB * factor)
+
+
+def estimate_request_mb(peak_bytes: int, factor: float = 1.0) -> int:
+    """SLURM ``mem_mb`` of the estimate job for its script's peak: h5py in its snakemakes too."""
+    return request_mb(peak_bytes + SNAKEMAKE_HDF5_BYTES, factor)
 
 
 def budget_bytes(mem_mb: int | None) -> int | None:

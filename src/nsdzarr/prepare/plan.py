@@ -21,7 +21,7 @@ from nsdzarr.prepare.estimate import (
     stimuli_compression_ratio,
     stimuli_estimate,
 )
-from nsdzarr.prepare.memory import estimate_peak, request_mb
+from nsdzarr.prepare.memory import estimate_peak, estimate_request_mb
 from nsdzarr.prepare.resources import estimate_job_mem_mb
 from nsdzarr.prepare.stimuli import select_ids, stimuli_metadata
 from nsdzarr.prepare.storage import STIMULI_STORAGE, StimuliStorage, StorageSettings
@@ -34,7 +34,7 @@ SIZE_KEYS = ("raw_bytes", "float32_bytes", "store_bytes", "store_files")
 def _estimate_mem_mb(meta: dict[str, Any], factor: float, ceiling_mb: int | None) -> int:
     """The estimate job's own request when only the release facts are known (no file)."""
     peak = estimate_peak(tuple(meta["shape"]), np.dtype(meta["dtype"]).itemsize)
-    mem = request_mb(peak, factor)
+    mem = estimate_request_mb(peak, factor)
     return min(mem, ceiling_mb) if ceiling_mb else mem
 
 

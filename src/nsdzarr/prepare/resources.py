@@ -10,7 +10,7 @@ from nsdzarr.nsd_facts import TRIALS_PER_SESSION
 from nsdzarr.prepare.memory import (
     BASELINE_BYTES,
     estimate_peak,
-    request_mb,
+    estimate_request_mb,
     surface_estimate_peak,
 )
 from nsdzarr.prepare.runtime import MIN_RUNTIME_MIN, request_min
@@ -73,5 +73,5 @@ def estimate_job_mem_mb(
                 peak = estimate_peak(dset.shape, dset.dtype.itemsize)
     except Exception:  # the job itself reports a bad file with a one-line error
         peak = BASELINE_BYTES
-    mem = request_mb(peak, factor) * attempt
+    mem = estimate_request_mb(peak, factor) * attempt
     return min(mem, ceiling_mb) if ceiling_mb else mem

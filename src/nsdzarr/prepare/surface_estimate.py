@@ -19,6 +19,7 @@ from nsdzarr.prepare.memory import (
     SNAKEMAKE_JOB_BYTES,
     SURFACE_SAMPLE_VERTICES,
     budget_bytes,
+    estimate_request_mb,
     request_mb,
     surface_estimate_peak,
     surface_roi_peak,
@@ -95,7 +96,9 @@ def surface_estimate(
     runtime = session_job_minutes(raw)
     est_peak = surface_estimate_peak(n_trials, itemsize)
     jobs: dict[str, dict[str, Any]] = {
-        "estimate": job_request(est_peak, factor, MIN_RUNTIME_MIN, ceiling_mb),
+        "estimate": job_request(
+            est_peak, factor, MIN_RUNTIME_MIN, ceiling_mb, request=estimate_request_mb
+        ),
         "convert": job_request(
             plan.peak_bytes,
             factor,
