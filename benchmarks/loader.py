@@ -4,6 +4,7 @@ Usage: python benchmarks/loader.py [--data DIR] [--rounds N] [--seconds S] [--bu
        python benchmarks/loader.py --fallbacks  (private paths vs their fallbacks, small stores)
        python benchmarks/loader.py --checksums [--data DIR] [--rounds N] [--seconds S]
        python benchmarks/loader.py --memory [--data DIR] [--rounds N]  (in-memory rows only)
+       python benchmarks/loader.py --workers [--data DIR] [--rounds N]  (DataLoader CPU only)
 
 Builds, if absent, under DIR (default benchmarks/data/loader/) a subj01-size ROI store:
 ``subj01/roi/nsdgeneral.zarr`` with betas 30000 x 15724 int16 (round(noise x 300)), chunks
@@ -350,9 +351,12 @@ def main() -> None:
     ap.add_argument("--fallbacks", action="store_true", help="private paths vs their fallbacks")
     ap.add_argument("--checksums", action="store_true", help="only the crc32c checks' cost")
     ap.add_argument("--memory", action="store_true", help="only the in-memory rows")
+    ap.add_argument("--workers", action="store_true", help="only the DataLoader CPU per batch")
     args = ap.parse_args()
     if args.memory:
         return memory_rates(args.data, args.rounds, args.seconds)
+    if args.workers:
+        return worker_rates(args.data, args.rounds)
     if args.fallbacks:
         return fallback_rates(args.data, args.rounds, args.seconds)
     if args.checksums:
@@ -643,6 +647,32 @@ def memory_rates(data: Path, rounds: int, seconds: float) -> None:
     print("| read path | trial/s | x numpy int16 |\n|---|---:|---:|")
     for name, v in best.items():
         print(f"| {name} | {v:,.0f} | {v / np16:.2f} |")
+
+
+def worker_rates(data: Path, rounds: int) -> None:
+    """DataLoaders over the default store only: the main process's CPU per batch vs torch's
+    no-op floor (a quick run of the end of the full benchmark)."""
+    import torch
+
+    from nsdzarr.prepare.storage import ROI_STORAGE
+    from nsdzarr.training.loader import BetasDataset
+
+    torch.set_num_threads(1)
+    build(data)
+    paths = {"none": "nsdgeneral-raw.zarr", "blosc-lz4": "nsdgeneral-lz4.zarr"}
+    name = paths.get(ROI_STORAGE.codec, "nsdgeneral.zarr")
+    store = build_copy(data, name, ROI_STORAGE.codec) if name != "nsdgeneral.zarr" else None
+    store = store or data / "subj01" / "roi" / name
+    warm_cache([store])
+    dsets = {
+        "noop": NoopBatches(),
+        "noop, workers busy 1 ms": BusyBatches(),
+        "ours": BetasDataset(store, split="all"),
+    }
+    configs = [(n, w, BATCH) for n in ("noop", "ours") for w in (0, 1, 2)]
+    configs += [("noop, workers busy 1 ms", 2, BATCH)]
+    report_loader(loader_rates(dsets, configs, rounds), f"{ROI_STORAGE.codec} (ROI default)")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
 
 
 def fallback_rates(data: Path, rounds: int, seconds: float) -> None:

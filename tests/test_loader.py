@@ -298,6 +298,30 @@ def test_batches_in_one_process_reuse_only_dropped_memory(
     assert collate(ds.__getitems__(idx[0]))["betas"].data_ptr() in freed
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_kept_metadata_keeps_its_batch_memory(store: Path, truth: dict, in_memory: bool):
+    """A batch's betas and metadata share one reused frame: a metadata tensor (or a view of
+    it) kept alone keeps its values and its frame while later batches are read."""
+    ds = BetasDataset(raw_copy(store, truth), split="all", in_memory=in_memory, dtype="int16")
+    rng = np.random.default_rng(5)
+    idx = [rng.integers(0, len(ds), 32) for _ in range(8)]
+    first = collate(ds.__getitems__(idx[0]))
+    ptr, trial, session = first["betas"].data_ptr(), first["trial"], first["session"][4:9]
+    del first
+    later = []
+    for i in idx[1:]:
+        batch = collate(ds.__getitems__(i))
+        assert batch["betas"].data_ptr() != ptr  # the kept metadata holds the whole frame
+        np.testing.assert_array_equal(batch["trial"].numpy(), truth["trial"][i])
+        later.append(batch["nsd_id"])
+    np.testing.assert_array_equal(trial.numpy(), truth["trial"][idx[0]])
+    np.testing.assert_array_equal(session.numpy(), truth["session"][idx[0][4:9]])
+    for ids, i in zip(later, idx[1:], strict=True):
+        np.testing.assert_array_equal(ids.numpy(), truth["nsd_id"][i])
+    del trial, session, later
+    assert collate(ds.__getitems__(idx[0]))["betas"].data_ptr() == ptr  # then reused
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -412,6 +436,23 @@ def test_worker_buffers_survive_kept_batches(store: Path, truth: dict):
         np.testing.assert_array_equal(v.numpy(), ref[start : start + 2])
     for v, start in zip(trials, range(320 + 14, 640, 16), strict=True):
         np.testing.assert_array_equal(v.numpy(), truth["trial"][start : start + 2])
+
+
+def test_kept_metadata_keeps_its_worker_slot(store: Path, truth: dict):
+    """With persistent workers, a batch's metadata kept alone (its betas dropped) keeps its
+    slot: the same workers' later batches never write over it."""
+    ds = BetasDataset(store, split="all")
+    loader = ds.dataloader(
+        batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork"
+    )
+    kept = []
+    for e in range(2):
+        for k, batch in enumerate(loader):
+            if e == 0 and k % 10 == 0:  # every other tensor of the batch is dropped
+                kept.append((batch["session"][3:], batch["trial"], batch["trial"].numpy().copy()))
+    for session, trial, ref in kept:
+        np.testing.assert_array_equal(trial.numpy(), ref)
+        np.testing.assert_array_equal(session.numpy(), truth["session"][rows_of(truth, trial)][3:])
 
 
 def test_fork_after_the_parent_read(store: Path, truth: dict):

@@ -4,10 +4,11 @@ torch sends a worker's batch tensors through fresh shared memory, one new segmen
 and batch: the worker faults every page in, the main process maps it again, ~4 us per 4 KiB
 page on our VMs, more than decoding the rows. A worker instead writes each batch, betas and
 metadata, into a slot of one memfd it keeps (pages faulted once); the batch pickles as a few
-numbers (pool, slot, where each tensor lies) and the main process maps the pool once and
-wraps the slot without copying. A slot is reused only when freed: by the main process once
-none of the batch's tensors is alive (a finalizer on the array behind them), or by the worker
-when the batch was never sent. No free slot (batches kept alive): fresh shared memory for
+numbers (pool, slot, where each tensor lies) and the main process maps the pool once, keeps
+the arrays over each slot it has seen, and wraps them without copying. A slot is reused only
+when freed: by the main process once none of the batch's tensors is alive (the arrays'
+reference counts, looked at as later batches arrive), or by the worker when the batch was
+never sent. No free slot (batches kept alive): fresh shared memory for
 the betas, small tensors by value. Without memfd, /proc or torch's private storage call (or
 with ``NSDZARR_DISABLE_PRIVATE=transport``): torch's standard transport (:mod:`.fallbacks`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -165,6 +167,10 @@ def release_exited_pools() -> None:
     """Main process: drop the mappings (each holds an fd) of exited workers' pools; one that
     batches still use closes when the last of them is collected."""
     for old in [k for k in _MAPPED if not os.path.exists(f"/proc/{k[0]}")]:
+        with _LOCK:
+            for cache in (_VIEWS, _BUSY):
+                for k in [k for k in cache if k[0] == old]:
+                    del cache[k]
         with contextlib.suppress(BufferError):  # else unmapped once its last batch is freed
             _MAPPED.pop(old).close()
 
@@ -175,25 +181,28 @@ class WorkerBatch(dict):
     Tensors in the batch's pool slot travel as one string of (dtype, shape, strides, offset)
     (the same for every full batch: the main process parses it once); other small tensors by
     value (torch would give each its own shared memory segment). Unpickled, it is a plain
-    dict of plain tensors over the slot, which is freed when they are gone.
+    dict of plain tensors over the slot, which is freed once they are gone.
     """
 
     slot: Slot | None = None
 
     def __reduce__(self) -> Any:
-        slot, in_slot, by_value, rest = self.slot, [], [], {}
+        slot, in_slot, by_value, rest, mixed = self.slot, [], [], {}, False
         for key, v in self.items():
             off = slot.offset_of(v) if isinstance(v, torch.Tensor) and slot else None
             if off is not None:  # strides only when not C-contiguous (channels_last images)
                 stride = None if v.is_contiguous() else v.stride()
                 in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), stride, off))
-                v = None
-            elif isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
+                mixed = mixed or bool(rest)  # after an item not in the slot
+                continue
+            if isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
                 by_value.append(key)
                 v = v.numpy()
-            rest[key] = v  # keeps key order
+            rest[key] = v
+        if mixed:  # placeholders (None) for the slot's tensors keep the key order
+            rest = {key: rest.get(key) for key in self}
         ticket = slot.send() if in_slot else None  # type: ignore[union-attr]
-        return (_rebuild_batch, (ticket, repr(in_slot), by_value, rest))
+        return (_rebuild_batch, (ticket, repr(in_slot).encode(), by_value, rest))
 
 
 # id of the weakref to an array -> (that weakref, callback, its arguments)
@@ -217,20 +226,12 @@ def _released(ref: Any) -> None:
         entry[1](*entry[2])
 
 
-def _free_slot(mm: Any, slot: int) -> None:
-    """A batch's memory is no longer used by any tensor: its worker may reuse the slot."""
-    try:
-        mm[slot] = 0
-    except ValueError:  # the mapping was closed (not contextlib.suppress: ~1 us per batch)
-        return
-
-
 # main process: a batch layout (WorkerBatch's string) -> (name, dtype, count, shape,
 # reshape, byte strides or None, offset) per tensor
 _LAYOUTS: dict[str, list[tuple[str, np.dtype, int, tuple, bool, tuple | None, int]]] = {}
 
 
-def _layout(text: str) -> list[tuple[str, np.dtype, int, tuple, bool, tuple | None, int]]:
+def _layout(text: bytes) -> list[tuple[str, np.dtype, int, tuple, bool, tuple | None, int]]:
     parsed = _LAYOUTS.get(text)
     if parsed is None:
         import ast
@@ -238,7 +239,7 @@ def _layout(text: str) -> list[tuple[str, np.dtype, int, tuple, bool, tuple | No
         if len(_LAYOUTS) >= 64:
             _LAYOUTS.clear()
         parsed = []
-        for name, dtype, shape, stride, off in ast.literal_eval(text):
+        for name, dtype, shape, stride, off in ast.literal_eval(text.decode()):
             dt = np.dtype(dtype)
             strides = None if stride is None else tuple(x * dt.itemsize for x in stride)
             parsed.append((name, dt, math.prod(shape), shape, len(shape) != 1, strides, off))
@@ -246,33 +247,96 @@ def _layout(text: str) -> list[tuple[str, np.dtype, int, tuple, bool, tuple | No
     return parsed
 
 
+# main process: (pool key, slot, layout string) -> (mm, slot, names, arrays over the slot),
+# made once; tensors are made of these arrays, whose reference counts show when none is left
+_VIEWS: dict[tuple, tuple[Any, int, tuple[str, ...], tuple[np.ndarray, ...]]] = {}
+# main process: slots whose batches may still be alive, (pool key, slot) -> a _VIEWS entry
+_BUSY: dict[tuple, tuple[Any, int, tuple[str, ...], tuple[np.ndarray, ...]]] = {}
+_LOCK = threading.RLock()  # the main thread and a pin-memory thread may both rebuild batches
+
+
+def _forget_views() -> None:
+    _VIEWS.clear()
+    _BUSY.clear()
+
+
+os.register_at_fork(after_in_child=_forget_views)  # a child never frees the parent's slots
+
+
+def in_use(arrays: tuple[np.ndarray, ...]) -> bool:
+    """Whether anything but ``arrays`` (which holds each once) refers to one of them."""
+    return sum(map(sys.getrefcount, arrays)) > _FREE_REFS * len(arrays)  # none is below
+
+
+_FREE_REFS = max(map(sys.getrefcount, (np.empty(0),)))  # an array only a tuple holds
+
+
+def _free_unused_slots() -> None:
+    """Hand back to their workers the slots of the oldest batches no tensor uses any more, up
+    to the first one still in use, which goes to the back (under _LOCK): a few checks per
+    batch, and a batch kept alive does not hold up the ones after it."""
+    for _ in range(len(_BUSY)):
+        slot_key = next(iter(_BUSY))
+        entry = _BUSY.pop(slot_key)
+        if in_use(entry[3]):
+            _BUSY[slot_key] = entry
+            return
+        if not entry[0].closed:  # the worker may reuse the slot
+            entry[0][entry[1]] = 0
+
+
+def _slot_views(key: tuple, index: int, offset: int, in_slot: bytes) -> tuple:
+    """The arrays of a batch layout over one slot, made on its first batch."""
+    mm = _map_pool(key)
+    names, arrays = [], []
+    for name, dt, count, shape, reshape, strides, off in _layout(in_slot):
+        if strides is not None:  # not C-contiguous (channels_last images)
+            view = np.ndarray(shape, dt, buffer=mm, offset=offset + off, strides=strides)
+        elif count:
+            view = np.frombuffer(mm, dt, count, offset + off)
+            if reshape:
+                view = view.reshape(shape)
+        else:
+            view = np.empty(shape, dt)
+        names.append(name)
+        arrays.append(view)
+    if len(_VIEWS) >= 1024:  # many pools or layouts: keep only what batches use
+        busy = {id(e) for e in _BUSY.values()}
+        for k in [k for k, e in _VIEWS.items() if id(e) not in busy]:
+            del _VIEWS[k]
+    entry = _VIEWS[key, index, in_slot] = (mm, index, tuple(names), tuple(arrays))
+    return entry
+
+
 def _rebuild_batch(
     ticket: Any,
-    in_slot: str,
+    in_slot: bytes,
     by_value: list[str],
     rest: dict,
 ) -> dict[str, Any]:
-    """Unpickling in the main process: tensors over the worker's slot, freed once collected.
+    """Unpickling in the main process: tensors over the worker's slot.
 
     This runs once per batch in the main process, whose CPU bounds the workers' speed-up:
-    ``np.frombuffer`` views and ``from_numpy`` (torch's ``as_strided`` costs ~10x more here,
-    a slice + ``view`` + ``reshape`` ~3x), one weakref for the whole slot (freed after every
-    tensor and view of it is gone), the layout parsed once."""
+    the arrays over a slot are made on its first batch and kept, so a batch costs one
+    ``from_numpy`` per tensor; a slot is handed back once no tensor uses its arrays, which
+    their reference counts show (checked here, as each batch arrives: no weakref or finalizer
+    per batch)."""
     if ticket is not None:
-        key, index, offset, nbytes = ticket
-        mm = _map_pool(key)
-        base = np.frombuffer(mm, np.uint8, nbytes, offset)
-        on_release(base, _free_slot, mm, index)
-        for name, dt, count, shape, reshape, strides, off in _layout(in_slot):
-            if strides is not None:  # not C-contiguous (channels_last images)
-                view = np.ndarray(shape, dt, buffer=base, offset=off, strides=strides)
-            elif count:
-                view = np.frombuffer(base, dt, count, off)
-                if reshape:
-                    view = view.reshape(shape)
-            else:
-                view = np.empty(shape, dt)
-            rest[name] = torch.from_numpy(view)
+        key, index, offset, _nbytes = ticket
+        with _LOCK:
+            entry = _VIEWS.get((key, index, in_slot))
+            if entry is None:
+                entry = _slot_views(key, index, offset, in_slot)
+            _free_unused_slots()
+            _BUSY[key, index] = entry
+        names, tensors = entry[2], map(torch.from_numpy, entry[3])
+        if names[0] in rest:  # placeholders keep the key order
+            for name, tensor in zip(names, tensors, strict=True):
+                rest[name] = tensor
+        else:  # the slot's tensors come first
+            batch = dict(zip(names, tensors, strict=True))
+            batch.update(rest)
+            rest = batch
     for name in by_value:
         rest[name] = torch.from_numpy(rest[name])
     return rest
@@ -308,6 +372,44 @@ class LocalBuffers:
     def clear(self) -> None:
         """Drop the free buffers (those in use return to the allocator when collected)."""
         self.free.clear()
+
+
+# a batch's metadata in one int64 block, one row per column (contiguous 1-D tensors)
+META_KEYS = ("nsd_id", "trial", "session", "repeat")
+
+
+class LocalFrames:
+    """Betas and metadata memory of whole batches, reused in a process that reads for itself.
+
+    A frame is a tuple: a (n, n_vox) betas array, then the 4 rows (n int64 each, one per
+    ``META_KEYS`` column) of one metadata block. It is reused once no tensor or view of its
+    arrays is alive, which their reference counts show (a tensor from ``torch.from_numpy``
+    holds the array it was made from; views of the tensor hold the tensor): no weakref and
+    no new array per batch.
+    """
+
+    def __init__(self) -> None:
+        self.frames: dict[tuple, list[tuple[np.ndarray, ...]]] = {}
+
+    def take(self, n: int, n_vox: int, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+        """A frame for a batch of ``n`` (make tensors of its arrays only, not of views)."""
+        frames = self.frames.get((n, n_vox, dtype.char))
+        if frames is None:
+            if len(self.frames) >= 8:  # batch shapes seen: drop the old ones' free frames
+                self.frames.clear()
+            frames = self.frames[n, n_vox, dtype.char] = []
+        for frame in frames:
+            if not in_use(frame):
+                return frame
+        frame = (np.empty((n, n_vox), dtype), *np.empty((len(META_KEYS), n), np.int64))
+        # keep a few (what a loop holding a batch or two needs), ~64 MB at most per shape
+        if len(frames) < max(2, min(4, (64 << 20) // max(1, frame[0].nbytes))):
+            frames.append(frame)
+        return frame
+
+    def clear(self) -> None:
+        """Drop the frames (those in use return to the allocator when collected)."""
+        self.frames.clear()
 
 
 def pool_available() -> bool:

@@ -41,8 +41,9 @@ once, when the workers start. Either way one copy serves every process.
 DataLoader workers hand batches to the main process through reused memfd buffers instead of
 torch's fresh shared memory per batch (:mod:`nsdzarr.training.batch_transport`): faulting in fresh
 pages costs more than decoding on our VMs. For the same reason a process reading for itself
-(``num_workers=0``) takes a batch's betas and images from buffers reused once no tensor of an
-earlier batch is alive (``LocalBuffers``).
+(``num_workers=0``) takes a batch's betas and metadata from frames reused once no tensor of an
+earlier batch is alive (``LocalFrames``; images: ``LocalBuffers``). Each item's metadata is
+gathered once at construction into one (4, items) array, so a batch's metadata is one gather.
 
 Images (``images=`` an image store, :class:`nsdzarr.training.readers.ImageReader`): a batch's images
 are read like its betas, one pass over the shard files decoding each (H, W, 3) row straight
@@ -71,8 +72,10 @@ from nsdzarr.errors import InputError
 from nsdzarr.nsd_facts import MAX_REPEATS
 from nsdzarr.outputs import subject_of_roi_store
 from nsdzarr.training.batch_transport import (
+    META_KEYS,
     BatchPool,
     LocalBuffers,
+    LocalFrames,
     Slot,
     WorkerBatch,
     pool_available,
@@ -163,11 +166,13 @@ class _Runtime:
         self.pid = os.getpid()
         self.readers: list[Any] = [None] * n_stores
         self.mem: list[np.ndarray | None] = [None] * n_stores
+        self.mem_rows: np.ndarray | None = None  # one store in memory: each item's row there
         self.scratch: dict[Any, np.ndarray] = {}
         self.executor: Any = None
         self.pool: BatchPool | None = None
         self.old_pools: list[BatchPool] = []
-        self.local = LocalBuffers()  # batch memory when not in a DataLoader worker
+        self.local = LocalBuffers()  # image memory when not in a DataLoader worker
+        self.frames = LocalFrames()  # betas + metadata memory, idem
 
     def buffer(self, n: int, n_vox: int, dtype: np.dtype) -> np.ndarray:
         key = (n_vox, dtype.str)
@@ -196,6 +201,7 @@ class _Runtime:
                 reader.close()
         self.readers = [None] * len(self.readers)
         self.local.clear()
+        self.frames.clear()
         if self.executor is not None:
             self.executor.shutdown(wait=False)
             self.executor = None
@@ -330,6 +336,8 @@ class BetasDataset(Dataset):
         self._mem_pos: list[np.ndarray | None] = [None] * len(self.stores)
         if in_memory:
             self._load_in_memory()
+        # batches read in this process take _fetch_lean: one store, no images, no averaging
+        self._lean = self._single and self._item_meta is not None and self.images is None
 
     @staticmethod
     def _store_pairs(store: Any) -> list[tuple[str, str]]:
@@ -354,7 +362,14 @@ class BetasDataset(Dataset):
         if not self.average_repeats:
             self._item_store, self._item_row = item_store, item_row
             self._group_rows = None
+            # META_KEYS of every item, one row each: one gather serves a batch's metadata
+            self._item_meta = np.empty((len(META_KEYS), len(item_row)), dtype=np.int64)
+            for s, info in enumerate(self.stores):
+                mine = item_store == s
+                for k, key in enumerate(META_KEYS):
+                    self._item_meta[k, mine] = info.columns[key][item_row[mine]]
             return
+        self._item_meta = None
         # one item per (store, nsd_id), rows padded with -1, in order of first showing
         g_store, g_rows = [], []
         for s, info in enumerate(self.stores):
@@ -431,6 +446,8 @@ class BetasDataset(Dataset):
         out = copy.copy(self)
         out._rt = None
         out._item_store, out._item_row = self._item_store[idx], self._item_row[idx]
+        if self._item_meta is not None:
+            out._item_meta = self._item_meta[:, idx]
         if self._group_rows is not None:
             out._group_rows = self._group_rows[idx]
         if self._item_image is not None:
@@ -524,7 +541,10 @@ class BetasDataset(Dataset):
         return self.__getitems__(index).collated
 
     def __getitems__(self, indices: Sequence[int]) -> BetasBatch:
-        return BetasBatch(self._fetch(np.asarray(indices, dtype=np.int64).reshape(-1)))
+        idx = indices
+        if type(idx) is not np.ndarray or idx.dtype != np.int64 or idx.ndim != 1:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return BetasBatch(self._fetch(idx))
 
     def dataloader(self, **kwargs: Any) -> DataLoader:
         """A DataLoader using :func:`collate` (any DataLoader argument can be passed)."""
@@ -654,11 +674,14 @@ class BetasDataset(Dataset):
     def _fetch(self, idx: np.ndarray) -> dict[str, Any]:
         """The collated batch of items ``idx`` (negative ones count back, as numpy's)."""
         rt = self._runtime()
+        if self._lean and get_worker_info() is None:
+            return self._fetch_lean(rt, idx)
         try:
             item_store = self._item_store[idx]  # numpy checks the range
         except IndexError:
             raise IndexError(f"index out of range for a dataset of {len(self)} items") from None
         worker = get_worker_info() is not None
+        n = len(idx)
         if self._group_rows is None:
             rows, stores, counts = self._item_row[idx], item_store, None
         else:
@@ -666,13 +689,15 @@ class BetasDataset(Dataset):
             counts = (group >= 0).sum(axis=1)
             rows = group[group >= 0]  # group-major
             stores = np.repeat(item_store, counts)
-        s0 = int(item_store[0]) if len(idx) else 0
-        shape = (len(idx), self.stores[s0].n_voxels)
-        ishape = (len(idx), *self.images.shape[1:]) if self.images is not None else (0,)
-        per_item = self.dtype.itemsize * shape[1] + META_BYTES_PER_ITEM
-        nbytes = len(idx) * per_item + 512  # + alignment of 6 arrays
-        nbytes += math.prod(ishape) + 64 if self.images is not None else 0
-        slot = rt.slot(nbytes, self.pooled_batches) if worker else None
+        shape = (n, self.stores[0 if self._single or not n else int(item_store[0])].n_voxels)
+        # meta: (4, n) int64, one row per META_KEYS column; tensors are made of meta_rows
+        slot = meta = meta_rows = None
+        if worker:
+            ishape = (n, *self.images.shape[1:]) if self.images is not None else (0,)
+            per_item = self.dtype.itemsize * shape[1] + META_BYTES_PER_ITEM
+            nbytes = n * per_item + 512  # + alignment of 6 arrays
+            nbytes += math.prod(ishape) + 64 if self.images is not None else 0
+            slot = rt.slot(nbytes, self.pooled_batches)
         if slot is not None:
             out = slot.empty(shape, self.dtype)
             betas = torch.from_numpy(out)
@@ -680,20 +705,25 @@ class BetasDataset(Dataset):
             betas = shared_empty(shape, TORCH_DTYPES[self.dtype.name])
             out = betas.numpy()
         else:  # reused memory: a fresh 2 MB batch costs as much to fault in as to fill
-            out = rt.local.empty(shape, self.dtype)
+            frame = rt.frames.take(n, shape[1], self.dtype)
+            out, meta_rows = frame[0], frame[1:]
             betas = torch.from_numpy(out)
+            meta = meta_rows[0].base if counts is None else None  # the frame's rows, no others
         collated: dict[str, Any] = {"betas": betas}
         if self.images is not None:  # NHWC rows, handed out as NCHW in channels_last format
+            ishape = (n, *self.images.shape[1:])
             if slot is not None:
                 image = torch.from_numpy(slot.empty(ishape, np.uint8))
             elif worker:
                 image = shared_empty(ishape, torch.uint8)
             else:
                 image = torch.from_numpy(rt.local.empty(ishape, np.uint8))
-            if len(idx):
+            if n:
                 self.images.read_into(self._item_image[idx], image.numpy(), rt.executor)
             collated["image"] = image.permute(0, 3, 1, 2)
-        if len(idx):
+        if slot is not None and counts is None:  # after the images: they follow the betas
+            meta = slot.empty((len(META_KEYS), n), np.int64)
+        if n:
             if counts is None and self._gather_normalized(rt, stores, rows, out):
                 pass
             elif counts is None:
@@ -708,7 +738,11 @@ class BetasDataset(Dataset):
                 np.add.reduceat(norm, starts, axis=0, out=out)
                 out /= counts[:, None].astype(np.float32)
         if counts is None:
-            cols = self._columns(item_store, rows)
+            if meta is None:  # a worker without a free slot: small tensors travel by value
+                meta = np.empty((len(META_KEYS), n), np.int64)
+            np.take(self._item_meta, idx, axis=1, out=meta)
+            for key, row in zip(META_KEYS, meta_rows or tuple(meta), strict=True):
+                collated[key] = torch.from_numpy(row)
         else:
             cols = {"nsd_id": self._columns(item_store, group[:, 0])["nsd_id"]}
             for key in ("trial", "session", "repeat"):
@@ -719,10 +753,10 @@ class BetasDataset(Dataset):
                     vals[mine] = np.where(g >= 0, self.stores[s].columns[key][np.maximum(g, 0)], -1)
                 cols[key] = vals
             cols["n_repeats"] = counts.astype(np.int64)
-        for key, v in cols.items():
-            collated[key] = torch.from_numpy(slot.copy(v) if slot is not None else v)
+            for key, v in cols.items():
+                collated[key] = torch.from_numpy(slot.copy(v) if slot is not None else v)
         if self._single:
-            collated["subject"] = [self.stores[0].subject] * len(idx)
+            collated["subject"] = [self.stores[0].subject] * n
         else:
             collated["subject"] = [self.stores[s].subject for s in item_store.tolist()]
         if not worker:
@@ -730,6 +764,38 @@ class BetasDataset(Dataset):
         batch = WorkerBatch(collated)
         batch.slot = slot
         return batch
+
+    def _fetch_lean(self, rt: _Runtime, idx: np.ndarray) -> dict[str, Any]:
+        """:meth:`_fetch` in the reading process for one store without images or averaging:
+        the same batch with the fewest steps (their fixed cost is ~1/4 of an in-memory
+        batch), into a reused frame."""
+        info = self.stores[0]
+        frame = rt.frames.take(len(idx), info.n_voxels, self.dtype)
+        out = frame[0]
+        if rt.mem_rows is None and self._mem[0] is not None:
+            rt.mem[0] = self._mem[0].numpy()
+            rt.mem_rows = self._mem_pos[0][self._item_row]  # item -> row in memory
+        one_gather = rt.mem_rows is not None and rt.mem[0].dtype == self.dtype
+        try:  # numpy checks the range (negative indices count back)
+            rows = (rt.mem_rows if one_gather else self._item_row)[idx]
+            self._item_meta.take(idx, axis=1, out=frame[1].base)
+        except IndexError:
+            raise IndexError(f"index out of range for a dataset of {len(self)} items") from None
+        if one_gather:
+            rt.mem[0].take(rows, axis=0, out=out, mode="clip")  # in range
+        elif len(idx) and not self._gather_normalized(rt, None, rows, out):  # type: ignore[arg-type]
+            raw = self._read_raw(rt, None, rows, out)  # type: ignore[arg-type]
+            if raw is not out:
+                self._normalize(raw, None, rows, out)  # type: ignore[arg-type]
+        t = torch.from_numpy
+        return {
+            "betas": t(out),
+            "nsd_id": t(frame[1]),
+            "trial": t(frame[2]),
+            "session": t(frame[3]),
+            "repeat": t(frame[4]),
+            "subject": [info.subject] * len(idx),
+        }
 
     def _columns(self, stores: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
         keys = ("nsd_id", "trial", "session", "repeat")
