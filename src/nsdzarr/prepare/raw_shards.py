@@ -6,7 +6,8 @@ same file with ~4 copies of every image (benchmarks/README.md, issue #13); here 
 each image once, from the shard buffer into the file. Arrays this writer does not know (any
 compressor, several rows per chunk, big-endian data) go through zarr-python
 (:class:`nsdzarr.prepare.convert.ShardIO`); the files are byte for byte those zarr-python writes
-(tests/test_raw_shards.py), and every shard is still read back by tensorstore or zarr-python.
+(tests/test_raw_shards.py), and every shard is still read back and checked against the source's
+checksums (through the loader's reader, ``verify.ReadBack("nsdzarr")``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import zarr
 
 from nsdzarr.prepare.convert import ShardIO
-from nsdzarr.prepare.verify import crc32c
+from nsdzarr.prepare.verify import crc32c, row_checksums
 from nsdzarr.training.zarr_v3 import EMPTY, ArrayLayout
 
 WRITERS = ("raw", "zarr-python")
@@ -95,7 +96,7 @@ class RawShardIO(ShardIO):
 
     def _store(self, t0: int, block: np.ndarray, sums: np.ndarray | None) -> None:
         if sums is None:
-            sums = np.fromiter((crc32c(r) for r in block), np.uint32, count=len(block))
+            sums = row_checksums(block)
         block = np.ascontiguousarray(block, dtype=self.layout.dtype)
         write_shard_file(self.shard_file(t0), block, sums, self.arr.shards[0])
 

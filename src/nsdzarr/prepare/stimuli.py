@@ -3,8 +3,9 @@
 Rows are read in blocks aligned to the dataset's own chunking along the image axis and sized by
 a memory budget (straight into the shard buffer when every row of a block is wanted), the
 next rows' bytes handed to the kernel's read-ahead (``posix_fadvise``) before each read; whole
-shards are checksummed and written by zarr-python on a small thread pool, and each is read
-back through an independent Zarr reader (``verify.ReadBack``) and compared with its rows.
+shards are checksummed and written on a small thread pool (raw ones by hand, ``raw_shards``;
+compressed ones by zarr-python), and each is read back (``verify.ReadBack``) and compared with
+its rows' checksums.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from nsdzarr.prepare.storage import (
     StimuliStorage,
     create_image_array,
 )
-from nsdzarr.prepare.verify import ReadBack, crc32c, default_reader, file_state
+from nsdzarr.prepare.verify import ReadBack, default_reader, file_state, row_checksums
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def _rows_after(reads: list[tuple[int, int]], i: int, b: int, count: int) -> tup
 
 def image_checksums(block: np.ndarray) -> np.ndarray:
     """CRC32C of each image's bytes (C order) of an ``(n, H, W, 3)`` block."""
-    return np.fromiter((crc32c(img) for img in block), dtype=np.uint32, count=len(block))
+    return row_checksums(block)
 
 
 def resize_images(block: np.ndarray, size: int) -> np.ndarray:

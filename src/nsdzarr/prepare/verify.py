@@ -25,10 +25,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-try:
-    from crc32c import crc32c as _fast_crc32c
-except ImportError:  # the verify extra is not installed
-    _fast_crc32c = None
+from nsdzarr.training.zarr_v3 import fast_crc32c
 
 READERS = ("tensorstore", "zarr-python", "nsdzarr")
 
@@ -39,9 +36,14 @@ def crc32c(a: np.ndarray, fast: bool = True, value: int = 0) -> int:
     bytes: a ctypes view of the array's memory serves)."""
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    if fast and _fast_crc32c is not None:
-        return _fast_crc32c(a, value)
+    if fast and fast_crc32c is not None:
+        return fast_crc32c(a, value)
     return google_crc32c.extend(value, (ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
+
+
+def row_checksums(rows: Any) -> np.ndarray:
+    """CRC32C of each row (C order) of an array, or of each array in a sequence, as uint32."""
+    return np.fromiter((crc32c(r) for r in rows), dtype=np.uint32, count=len(rows))
 
 
 def default_reader() -> str:
@@ -124,7 +126,7 @@ class ReadBack:
         views = own.row_views(np.arange(a, b), stored)
         if views is None:
             return None
-        got = np.fromiter((crc32c(v) for v in views), np.uint32, count=len(views))
+        got = row_checksums(views)
         del views
         own.close()  # the shard's pages leave this process's memory
         if not np.array_equal(got, stored):

@@ -30,14 +30,14 @@ from nsdzarr.training.fallbacks import numcodecs_c_library
 EMPTY = 2**64 - 1  # offset and size of an empty chunk in a shard index
 
 try:  # SSE4.2 and GIL-free, ~3x google_crc32c here (the verify extra); the same values
-    from crc32c import crc32c as _fast_crc32c
+    from crc32c import crc32c as fast_crc32c
 except ImportError:
-    _fast_crc32c = None
+    fast_crc32c = None
 
 
 def crc32c_value(buf: Any) -> int:
     """CRC32C of a buffer's bytes, through the ``crc32c`` package when installed."""
-    return _fast_crc32c(buf) if _fast_crc32c is not None else google_crc32c.value(buf)
+    return fast_crc32c(buf) if fast_crc32c is not None else google_crc32c.value(buf)
 
 
 @dataclass(frozen=True)
