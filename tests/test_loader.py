@@ -455,6 +455,41 @@ def test_kept_metadata_keeps_its_worker_slot(store: Path, truth: dict):
         np.testing.assert_array_equal(session.numpy(), truth["session"][rows_of(truth, trial)][3:])
 
 
+_MADE = [0]  # batches made by this process (one worker: in the order they arrive)
+
+
+def changing_collate(batch):
+    """Our collate, then every third batch's betas replaced by a new tensor (outside the
+    worker's slot) and every third one transposed (a strided view inside it)."""
+    out = collate(batch)
+    turn, _MADE[0] = _MADE[0] % 3, _MADE[0] + 1
+    if turn == 1:
+        out["betas"] = out["betas"] * 2
+    elif turn == 2:
+        out["betas"] = out["betas"].t()
+    return out
+
+
+def test_batches_changed_by_a_collate_travel_as_changed(store: Path, truth: dict):
+    """Batch after batch of one worker, what a collate_fn makes of the batch arrives as it was
+    made: a replaced tensor, a transposed view, the plain batch (each layout travels its own
+    way, however often the others came before)."""
+    ds = BetasDataset(store, split="all", normalize="psc")
+    ref = reference(truth, "psc")
+    loader = ds.dataloader(
+        batch_size=16, num_workers=1, collate_fn=changing_collate, multiprocessing_context="fork"
+    )
+    _MADE[0] = 0  # the forked worker starts from here
+    n = 0
+    for n, batch in enumerate(loader, 1):
+        want = ref[rows_of(truth, batch["trial"])]
+        turn = (n - 1) % 3
+        want = want * 2 if turn == 1 else want.T if turn == 2 else want
+        assert batch["betas"].shape == want.shape
+        np.testing.assert_array_equal(batch["betas"].numpy(), want)
+    assert n > 6
+
+
 def test_fork_after_the_parent_read(store: Path, truth: dict):
     ds = BetasDataset(store, split="all")
     ds[5]  # the parent now holds open shard files; forked workers must not share them

@@ -187,22 +187,58 @@ class WorkerBatch(dict):
     slot: Slot | None = None
 
     def __reduce__(self) -> Any:
-        slot, in_slot, by_value, rest, mixed = self.slot, [], [], {}, False
-        for key, v in self.items():
-            off = slot.offset_of(v) if isinstance(v, torch.Tensor) and slot else None
-            if off is not None:  # strides only when not C-contiguous (channels_last images)
-                stride = None if v.is_contiguous() else v.stride()
-                in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), stride, off))
-                mixed = mixed or bool(rest)  # after an item not in the slot
-                continue
-            if isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16:
-                by_value.append(key)
-                v = v.numpy()
-            rest[key] = v
-        if mixed:  # placeholders (None) for the slot's tensors keep the key order
-            rest = {key: rest.get(key) for key in self}
-        ticket = slot.send() if in_slot else None  # type: ignore[union-attr]
-        return (_rebuild_batch, (ticket, repr(in_slot).encode(), by_value, rest))
+        slot, items = self.slot, self.items()
+        # how each value travels depends only on these facts: the plan made for the first
+        # batch of a layout serves the next ones (looking at each tensor costs ~20 us)
+        addr = slot.addr if slot is not None else None
+        facts = tuple(
+            (key, addr and v.data_ptr() - addr, v.dtype, v.shape, v.stride())
+            if isinstance(v, torch.Tensor)
+            else (key,)
+            for key, v in items
+        )
+        facts_key = (len(slot.base) if slot is not None else 0, facts)
+        plan = _PLANS.get(facts_key)
+        if plan is None:
+            plan = _PLANS[facts_key] = _plan(slot, self)
+        in_slot, by_value, kinds, mixed = plan
+        rest = {}
+        for (key, v), kind in zip(items, kinds, strict=True):
+            if kind == _IN_SLOT:
+                if mixed:  # a placeholder (None) for the slot's tensor keeps the key order
+                    rest[key] = None
+            else:
+                rest[key] = v.numpy() if kind == _BY_VALUE else v
+        ticket = slot.send() if in_slot != b"[]" else None  # type: ignore[union-attr]
+        return (_rebuild_batch, (ticket, in_slot, by_value, rest))
+
+
+_IN_SLOT, _BY_VALUE, _AS_IS = range(3)
+# worker: (slot size, each value's key and tensor facts) -> how the batch's values travel
+_PLANS: dict[tuple, tuple[bytes, list[str], tuple[int, ...], bool]] = {}
+
+
+def _plan(slot: Slot | None, batch: dict) -> tuple[bytes, list[str], tuple[int, ...], bool]:
+    """How a batch's values travel: tensors in the slot as one string of (dtype, shape,
+    strides, offset), other small tensors by value (torch would give each its own shared
+    memory segment), the rest as they are."""
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    in_slot, by_value, kinds, mixed, after_other = [], [], [], False, False
+    for key, v in batch.items():
+        off = slot.offset_of(v) if isinstance(v, torch.Tensor) and slot else None
+        if off is not None:  # strides only when not C-contiguous (channels_last images)
+            stride = None if v.is_contiguous() else v.stride()
+            in_slot.append((key, v.numpy().dtype.str, tuple(v.shape), stride, off))
+            kinds.append(_IN_SLOT)
+            mixed = mixed or after_other
+            continue
+        after_other = True
+        small = isinstance(v, torch.Tensor) and v.numel() * v.element_size() <= 1 << 16
+        if small:
+            by_value.append(key)
+        kinds.append(_BY_VALUE if small else _AS_IS)
+    return repr(in_slot).encode(), by_value, tuple(kinds), mixed
 
 
 # id of the weakref to an array -> (that weakref, callback, its arguments)
