@@ -194,6 +194,74 @@ class BusyBatches(NoopBatches):
         return list(idx)
 
 
+class GatherBatches(NoopBatches):
+    """The no-op whose workers make the float32 batch ours makes (32 int16 rows gathered from
+    memory and cast into a reused buffer) and drop it: torch's floor when the workers do a
+    batch's memory work, which shares the caches with the main process."""
+
+    def __init__(self) -> None:
+        self.ram = np.full((N_TRIALS, N_VOX), 7, np.int16)  # pages written: none is the zero page
+        self.out: np.ndarray | None = None
+
+    def __getitems__(self, idx: list[int]) -> list[int]:
+        if self.out is None:
+            self.out = np.empty((BATCH, N_VOX), np.float32)
+        out = self.out[: len(idx)]
+        out[...] = self.ram[np.asarray(idx)]
+        return list(idx)
+
+
+FLOORS = ("noop", "noop, workers busy 1 ms", "noop, workers make the batch")
+
+
+def floor_dsets() -> dict[str, object]:
+    """The no-op datasets the DataLoader rows are compared with (:data:`FLOORS`)."""
+    return dict(zip(FLOORS, (NoopBatches(), BusyBatches(), GatherBatches()), strict=True))
+
+
+def own_unpickling(dset: object, rounds: int) -> float:
+    """CPU µs per batch the main process spends in our code (rebuilding a worker's batch and
+    freeing it), 2 workers: the least of ``rounds`` epochs of 300 batches."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from nsdzarr.training import batch_transport
+    from nsdzarr.training.loader import collate
+
+    rebuild, spent = batch_transport._rebuild_batch, [0.0]
+
+    def timed(*args: object) -> object:
+        t = time.thread_time()
+        batch = rebuild(*args)
+        spent[0] += time.thread_time() - t
+        return batch
+
+    dl = DataLoader(
+        dset,  # type: ignore[arg-type]
+        batch_size=BATCH,
+        sampler=RandomSampler(range(N_TRIALS), num_samples=300 * BATCH),
+        num_workers=2,
+        collate_fn=collate,
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
+    for _ in dl:
+        pass
+    batch_transport._rebuild_batch = timed  # unpickling looks it up by name
+    best = float("inf")
+    try:
+        for _ in range(rounds):
+            spent[0], n = 0.0, 0
+            for batch in dl:
+                t = time.thread_time()
+                del batch  # freed here, as a training loop frees it
+                spent[0] += time.thread_time() - t
+                n += 1
+            best = min(best, spent[0] / n * 1e6)
+    finally:
+        batch_transport._rebuild_batch = rebuild
+    return best
+
+
 def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], rounds: int):
     """Trials/s and CPU µs per batch (main, all workers) of DataLoaders, measured round-robin.
 
@@ -240,7 +308,9 @@ def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], 
     return best
 
 
-def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str) -> None:
+def report_loader(
+    best: dict[tuple, tuple[float, float, float]], store_name: str, own: float | None = None
+) -> None:
     """The DataLoader table, the 2-worker ratios and the bound torch's own costs put on them."""
     print(
         f"\nDataLoader over the {store_name} store (our collate, random order, persistent "
@@ -255,12 +325,21 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
             f"| {name} | {bs} | {workers} | {rate:,.0f} | {rate / zero:.2f} | {main:,.0f} "
             f"| {work:,.0f} |"
         )
+    gather = "noop, workers make the batch"
     for w in (1, 2):
         noop, ours = best[("noop", w, BATCH)], best[("ours", w, BATCH)]
+        made = best.get((gather, w, BATCH))
         print(
             f"\n{w} worker(s), batch {BATCH}: CPU µs per batch, main process: ours "
-            f"{ours[1]:,.0f} vs torch's floor {noop[1]:,.0f} ({ours[1] / max(noop[1], 1):.2f}x); "
-            f"workers: ours {ours[2]:,.0f} vs floor {noop[2]:,.0f}"
+            f"{ours[1]:,.0f} vs torch's floor {noop[1]:,.0f} ({ours[1] / max(noop[1], 1):.2f}x)"
+            + (
+                f", vs the floor whose workers make the batch {made[1]:,.0f} "
+                f"({ours[1] / max(made[1], 1):.2f}x; that floor is {made[1] / noop[1]:.2f}x "
+                "the idle one)"
+                if made
+                else ""
+            )
+            + f"; workers: ours {ours[2]:,.0f} vs floor {noop[2]:,.0f}"
         )
     busy, ours = best[("noop, workers busy 1 ms", 2, BATCH)], best[("ours", 2, BATCH)]
     print(
@@ -268,6 +347,11 @@ def report_loader(best: dict[tuple, tuple[float, float, float]], store_name: str
         f"{busy[1]:,.0f} µs ({busy[1] / best[('noop', 2, BATCH)][1]:.2f}x the floor); "
         f"ours {ours[1] / busy[1]:.2f}x it"
     )
+    if own is not None:
+        print(
+            f"2 workers, main process: of ours, {own:,.0f} µs per batch is our own code "
+            f"(rebuilding the worker's batch and freeing it); the rest is torch's loop"
+        )
     # 2 cores, CPU-bound: 2 workers give at most 2 * (one process's CPU per batch) / (the
     # workers' CPU per batch + the main process's), the DataLoader's own part at least
     # torch's floor (the no-op dataset)
@@ -592,8 +676,7 @@ def main() -> None:
         b = best[name, "batch"]
         print(f"{name}: {b:,.0f}/s, {b / np16:.2f}x numpy int16, {b / np32:.2f}x numpy float32")
     dsets = {
-        "noop": NoopBatches(),
-        "noop, workers busy 1 ms": BusyBatches(),
+        **floor_dsets(),
         "ours": BetasDataset(default_store, split="all"),
         "ours, torch's shm transport": BetasDataset(
             default_store, split="all", pooled_batches=False
@@ -601,9 +684,12 @@ def main() -> None:
     }
     configs = [("noop", w, BATCH) for w in (0, 1, 2)] + [("ours", w, BATCH) for w in (0, 1, 2)]
     configs += [("noop, workers busy 1 ms", 2, BATCH)]
+    configs += [("noop, workers make the batch", w, BATCH) for w in (1, 2)]
     configs += [("ours, torch's shm transport", 2, BATCH)]
     configs += [("ours", w, bs) for bs in (128, 512) for w in (0, 2)]
-    report_loader(loader_rates(dsets, configs, args.rounds), f"{ROI_STORAGE.codec} (ROI default)")
+    rates = loader_rates(dsets, configs, args.rounds)
+    own = own_unpickling(dsets["ours"], args.rounds)
+    report_loader(rates, f"{ROI_STORAGE.codec} (ROI default)", own)
     print(
         f"\nin_memory load (decode 30000 trials into memory): {load_s:.1f} s; load "
         f"average during the run: {os.getloadavg()[0]:.1f} (another process's load slows "
@@ -664,14 +750,13 @@ def worker_rates(data: Path, rounds: int) -> None:
     store = build_copy(data, name, ROI_STORAGE.codec) if name != "nsdgeneral.zarr" else None
     store = store or data / "subj01" / "roi" / name
     warm_cache([store])
-    dsets = {
-        "noop": NoopBatches(),
-        "noop, workers busy 1 ms": BusyBatches(),
-        "ours": BetasDataset(store, split="all"),
-    }
+    dsets = {**floor_dsets(), "ours": BetasDataset(store, split="all")}
     configs = [(n, w, BATCH) for n in ("noop", "ours") for w in (0, 1, 2)]
     configs += [("noop, workers busy 1 ms", 2, BATCH)]
-    report_loader(loader_rates(dsets, configs, rounds), f"{ROI_STORAGE.codec} (ROI default)")
+    configs += [("noop, workers make the batch", w, BATCH) for w in (1, 2)]
+    rates = loader_rates(dsets, configs, rounds)
+    own = own_unpickling(dsets["ours"], rounds)
+    report_loader(rates, f"{ROI_STORAGE.codec} (ROI default)", own)
     print(f"load average: {os.getloadavg()[0]:.1f}")
 
 
