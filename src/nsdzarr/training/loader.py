@@ -89,8 +89,9 @@ from nsdzarr.training.zarr_v3 import parse_layout  # noqa: F401 - re-exported fo
 
 SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
-DTYPES = ("float32", "int16")  # the betas' output dtype; int16: the stored values as they are
+# the betas' output dtypes; int16: the stored values as they are
 TORCH_DTYPES = {"float32": torch.float32, "int16": torch.int16}
+DTYPES = tuple(TORCH_DTYPES)
 # int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
 META_BYTES_PER_ITEM = 8 * 11
 
