@@ -150,6 +150,36 @@ def test_several_subjects_and_in_memory(stores: list[Path], images: Path, brick:
         assert open_files(images)[0] == 0
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_kept_images_in_one_process_keep_their_memory(
+    stores: list[Path], images: Path, brick: np.ndarray, average: bool
+):
+    """Without workers a batch's images share its reused frame: dropped, the next batch
+    reuses their memory; an image batch (or a view of it) kept alone keeps its values while
+    later batches are read, and its memory is reused once it is dropped."""
+    ds = BetasDataset(stores[0], split="all", images=images, average_repeats=average)
+    rng = np.random.default_rng(6)
+    idx = [rng.integers(0, len(ds), 16) for _ in range(8)]
+    first = collate(ds.__getitems__(idx[0]))
+    ptr = first["image"].data_ptr()
+    del first
+    kept = collate(ds.__getitems__(idx[1]))  # the dropped batch's memory
+    ids, image, view = kept["nsd_id"].numpy().copy(), kept["image"], kept["image"][2:5, 1]
+    assert image.data_ptr() == ptr
+    del kept  # the image alone holds its frame
+    for i in idx[2:]:
+        batch = collate(ds.__getitems__(i))
+        assert batch["image"].data_ptr() != ptr
+        check_batch(batch, brick)
+    np.testing.assert_array_equal(image.numpy(), nchw(brick, ids))
+    del image, batch
+    for i in idx[2:]:  # the view alone still holds it
+        assert collate(ds.__getitems__(i))["image"].data_ptr() != ptr
+    np.testing.assert_array_equal(view.numpy(), nchw(brick, ids[2:5])[:, 1])
+    del view
+    assert collate(ds.__getitems__(idx[0]))["image"].data_ptr() == ptr  # then reused
+
+
 def test_missing_ids_are_refused_at_construction(
     root: Path, stores: list[Path], brick: np.ndarray, tmp_path: Path
 ):

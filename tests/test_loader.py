@@ -274,7 +274,7 @@ def test_getitems_batch_equals_items_and_both_collates_agree(store: Path):
 def test_batches_in_one_process_reuse_only_dropped_memory(
     store: Path, truth: dict, in_memory: bool
 ):
-    """Without workers a batch's betas come from reused buffers (``LocalBuffers``): memory
+    """Without workers a batch's betas come from reused frames (``LocalFrames``): memory
     is reused once no tensor or view of a batch is left, never while one is."""
     ds = BetasDataset(raw_copy(store, truth), split="all", in_memory=in_memory)
     rng = np.random.default_rng(4)

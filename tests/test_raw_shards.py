@@ -118,3 +118,16 @@ def test_written_files_are_whole_after_a_short_write(tmp_path: Path, monkeypatch
     monkeypatch.setattr(os, "writev", short)
     _, ours = write_with("raw", tmp_path / "raw.zarr", data, settings)
     assert ours == ref
+
+
+@pytest.mark.parametrize("writer, kind", [(None, RawShardIO), ("zarr-python", ShardIO)])
+def test_the_layout_is_parsed_once(tmp_path: Path, monkeypatch, writer, kind):
+    """Choosing the writer reads the array's zarr.json once, whichever writer it picks."""
+    import nsdzarr.prepare.convert as convert
+
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w", zarr_format=3)
+    arr = create_image_array(group, "images", (4, 3, 2, 3), STIMULI_STORAGE)
+    calls = []
+    monkeypatch.setattr(convert, "parse_layout", lambda p: calls.append(p) or parse_layout(p))
+    io = shard_io(arr, tmp_path / "s.zarr", writer)
+    assert type(io) is kind and writes_raw(io.layout) and len(calls) == 1

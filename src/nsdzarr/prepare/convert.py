@@ -29,7 +29,7 @@ from nsdzarr.prepare.storage import (
 )
 from nsdzarr.prepare.surface import is_surface_source
 from nsdzarr.prepare.verify import crc32c, default_reader, read_blocks
-from nsdzarr.training.zarr_v3 import parse_layout
+from nsdzarr.training.zarr_v3 import ArrayLayout, parse_layout
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ class ShardIO:
     """Whole-shard writes of one array through zarr-python (a hand-written writer measured no
     faster on the compressed session stores; raw image stores: ``raw_shards``)."""
 
-    def __init__(self, arr: zarr.Array, root: Path) -> None:
+    def __init__(self, arr: zarr.Array, root: Path, layout: ArrayLayout | None = None) -> None:
+        """``layout``: the array's, when already parsed."""
         self.arr, self.root = arr, root
-        self.layout = parse_layout(root / arr.path)[1]
+        self.layout = layout or parse_layout(root / arr.path)[1]
 
     def write(self, t0: int, block: np.ndarray, sums: np.ndarray | None = None) -> None:
         """Write rows ``t0..`` (whole shards; ``sums``: each row's crc32c, if known)."""

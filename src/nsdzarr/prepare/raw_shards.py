@@ -89,8 +89,8 @@ def write_shard_file(
 class RawShardIO(ShardIO):
     """Whole-shard writes of one raw array by :func:`write_shard_file`."""
 
-    def __init__(self, arr: zarr.Array, root: Path) -> None:
-        super().__init__(arr, root)
+    def __init__(self, arr: zarr.Array, root: Path, layout: ArrayLayout | None = None) -> None:
+        super().__init__(arr, root, layout)
         if not writes_raw(self.layout):
             raise ValueError(f"{arr.path}: not a layout the raw shard writer makes")
 
@@ -108,7 +108,7 @@ def shard_io(arr: zarr.Array, root: Path, writer: str | None = None) -> ShardIO:
         raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
     io = ShardIO(arr, root)
     if writer != "zarr-python" and writes_raw(io.layout):
-        return RawShardIO(arr, root)
+        return RawShardIO(arr, root, io.layout)  # parsed once
     if writer == "raw":
         raise ValueError(f"{arr.path}: not a layout the raw shard writer makes")
     return io

@@ -378,68 +378,45 @@ def _rebuild_batch(
     return rest
 
 
-class LocalBuffers:
-    """Batch buffers reused in a process that reads for itself (not a DataLoader worker).
-
-    A fresh (32, 15724) float32 batch is 2 MB, which glibc maps afresh for every batch: faulting
-    its pages in cost as much as gathering an in-memory batch. A buffer returns here once no
-    tensor or view of it is alive (a weakref on the array behind them), ``keep`` per size."""
-
-    def __init__(self, keep: int = 2) -> None:
-        self.keep = keep
-        self.free: dict[int, list[np.ndarray]] = {}  # nbytes -> owning uint8 arrays
-
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """An uninitialized array, in reused memory when some is free."""
-        dtype = np.dtype(dtype)
-        n = math.prod(shape) * dtype.itemsize
-        stack = self.free.get(n)
-        owner = stack.pop() if stack else np.empty(n, np.uint8)
-        # every view of ``base`` refers to it (numpy stops at an array over a memoryview)
-        base = np.frombuffer(memoryview(owner), dtype, math.prod(shape))  # .view(dtype): ~3x
-        on_release(base, self._back, n, owner)
-        return base.reshape(shape)
-
-    def _back(self, n: int, owner: np.ndarray) -> None:
-        stack = self.free.setdefault(n, [])
-        if len(stack) < self.keep:
-            stack.append(owner)
-
-    def clear(self) -> None:
-        """Drop the free buffers (those in use return to the allocator when collected)."""
-        self.free.clear()
-
-
 # a batch's metadata in one int64 block, one row per column (contiguous 1-D tensors)
 META_KEYS = ("nsd_id", "trial", "session", "repeat")
 
 
 class LocalFrames:
-    """Betas and metadata memory of whole batches, reused in a process that reads for itself.
+    """Memory of whole batches, reused in a process that reads for itself.
 
-    A frame is a tuple: a (n, n_vox) betas array, then the 4 rows (n int64 each, one per
-    ``META_KEYS`` column) of one metadata block. It is reused once no tensor or view of its
-    arrays is alive, which their reference counts show (a tensor from ``torch.from_numpy``
-    holds the array it was made from; views of the tensor hold the tensor): no weakref and
-    no new array per batch.
+    A fresh (32, 15724) float32 batch is 2 MB, which glibc maps afresh for every batch: faulting
+    its pages in cost as much as gathering an in-memory batch. A frame is a tuple: a (n, n_vox)
+    betas array, then the 4 rows (n int64 each, one per ``META_KEYS`` column) of one metadata
+    block, then (when asked) a (n, H, W, 3) uint8 images array. It is reused once no tensor or
+    view of its arrays is alive, which their reference counts show (a tensor from
+    ``torch.from_numpy`` holds the array it was made from; views of the tensor hold the
+    tensor): no weakref and no new array per batch.
     """
 
     def __init__(self) -> None:
         self.frames: dict[tuple, list[tuple[np.ndarray, ...]]] = {}
 
-    def take(self, n: int, n_vox: int, dtype: np.dtype) -> tuple[np.ndarray, ...]:
-        """A frame for a batch of ``n`` (make tensors of its arrays only, not of views)."""
-        frames = self.frames.get((n, n_vox, dtype.char))
+    def take(
+        self, n: int, n_vox: int, dtype: np.dtype, image_shape: tuple[int, ...] | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """A frame for a batch of ``n``, with images of ``image_shape`` (H, W, 3) if given
+        (make tensors of its arrays only, not of views)."""
+        key = (n, n_vox, dtype.char, image_shape)
+        frames = self.frames.get(key)
         if frames is None:
             if len(self.frames) >= 8:  # batch shapes seen: drop the old ones' free frames
                 self.frames.clear()
-            frames = self.frames[n, n_vox, dtype.char] = []
+            frames = self.frames[key] = []
         for frame in frames:
             if not in_use(frame):
                 return frame
         frame = (np.empty((n, n_vox), dtype), *np.empty((len(META_KEYS), n), np.int64))
+        if image_shape is not None:
+            frame += (np.empty((n, *image_shape), np.uint8),)
         # keep a few (what a loop holding a batch or two needs), ~64 MB at most per shape
-        if len(frames) < max(2, min(4, (64 << 20) // max(1, frame[0].nbytes))):
+        nbytes = sum(a.nbytes for a in frame)
+        if len(frames) < max(2, min(4, (64 << 20) // max(1, nbytes))):
             frames.append(frame)
         return frame
 

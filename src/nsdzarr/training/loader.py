@@ -41,9 +41,9 @@ once, when the workers start. Either way one copy serves every process.
 DataLoader workers hand batches to the main process through reused memfd buffers instead of
 torch's fresh shared memory per batch (:mod:`nsdzarr.training.batch_transport`): faulting in fresh
 pages costs more than decoding on our VMs. For the same reason a process reading for itself
-(``num_workers=0``) takes a batch's betas and metadata from frames reused once no tensor of an
-earlier batch is alive (``LocalFrames``; images: ``LocalBuffers``). Each item's metadata is
-gathered once at construction into one (4, items) array, so a batch's metadata is one gather.
+(``num_workers=0``) takes a batch's betas, metadata and images from frames reused once no
+tensor of an earlier batch is alive (``LocalFrames``). Each item's metadata is gathered once at
+construction into one (4, items) array, so a batch's metadata is one gather.
 
 Images (``images=`` an image store, :class:`nsdzarr.training.readers.ImageReader`): a batch's images
 are read like its betas, one pass over the shard files decoding each (H, W, 3) row straight
@@ -74,7 +74,6 @@ from nsdzarr.outputs import subject_of_roi_store
 from nsdzarr.training.batch_transport import (
     META_KEYS,
     BatchPool,
-    LocalBuffers,
     LocalFrames,
     Slot,
     WorkerBatch,
@@ -89,8 +88,9 @@ from nsdzarr.training.zarr_v3 import parse_layout  # noqa: F401 - re-exported fo
 
 SPLITS = ("train", "test", "all")
 NORMALIZE = ("none", "psc", "session_zscore")
-DTYPES = ("float32", "int16")  # the betas' output dtype; int16: the stored values as they are
+# the betas' output dtypes; int16: the stored values as they are
 TORCH_DTYPES = {"float32": torch.float32, "int16": torch.int16}
+DTYPES = tuple(TORCH_DTYPES)
 # int64 metadata per batch item: nsd_id, n_repeats, 3 x trial/session/repeat
 META_BYTES_PER_ITEM = 8 * 11
 
@@ -171,8 +171,7 @@ class _Runtime:
         self.executor: Any = None
         self.pool: BatchPool | None = None
         self.old_pools: list[BatchPool] = []
-        self.local = LocalBuffers()  # image memory when not in a DataLoader worker
-        self.frames = LocalFrames()  # betas + metadata memory, idem
+        self.frames = LocalFrames()  # batch memory when not in a DataLoader worker
 
     def buffer(self, n: int, n_vox: int, dtype: np.dtype) -> np.ndarray:
         key = (n_vox, dtype.str)
@@ -200,7 +199,6 @@ class _Runtime:
             if reader is not None:
                 reader.close()
         self.readers = [None] * len(self.readers)
-        self.local.clear()
         self.frames.clear()
         if self.executor is not None:
             self.executor.shutdown(wait=False)
@@ -692,11 +690,11 @@ class BetasDataset(Dataset):
         shape = (n, self.stores[0 if self._single or not n else int(item_store[0])].n_voxels)
         # meta: (4, n) int64, one row per META_KEYS column; tensors are made of meta_rows
         slot = meta = meta_rows = None
+        ishape = (n, *self.images.shape[1:]) if self.images is not None else None
         if worker:
-            ishape = (n, *self.images.shape[1:]) if self.images is not None else (0,)
             per_item = self.dtype.itemsize * shape[1] + META_BYTES_PER_ITEM
             nbytes = n * per_item + 512  # + alignment of 6 arrays
-            nbytes += math.prod(ishape) + 64 if self.images is not None else 0
+            nbytes += math.prod(ishape) + 64 if ishape is not None else 0
             slot = rt.slot(nbytes, self.pooled_batches)
         if slot is not None:
             out = slot.empty(shape, self.dtype)
@@ -705,19 +703,18 @@ class BetasDataset(Dataset):
             betas = shared_empty(shape, TORCH_DTYPES[self.dtype.name])
             out = betas.numpy()
         else:  # reused memory: a fresh 2 MB batch costs as much to fault in as to fill
-            frame = rt.frames.take(n, shape[1], self.dtype)
-            out, meta_rows = frame[0], frame[1:]
+            frame = rt.frames.take(n, shape[1], self.dtype, ishape[1:] if ishape else None)
+            out, meta_rows = frame[0], frame[1 : 1 + len(META_KEYS)]
             betas = torch.from_numpy(out)
             meta = meta_rows[0].base if counts is None else None  # the frame's rows, no others
         collated: dict[str, Any] = {"betas": betas}
-        if self.images is not None:  # NHWC rows, handed out as NCHW in channels_last format
-            ishape = (n, *self.images.shape[1:])
+        if ishape is not None:  # NHWC rows, handed out as NCHW in channels_last format
             if slot is not None:
                 image = torch.from_numpy(slot.empty(ishape, np.uint8))
             elif worker:
                 image = shared_empty(ishape, torch.uint8)
-            else:
-                image = torch.from_numpy(rt.local.empty(ishape, np.uint8))
+            else:  # the frame's own array (a tensor of a view of it escapes its refcount)
+                image = torch.from_numpy(frame[-1])
             if n:
                 self.images.read_into(self._item_image[idx], image.numpy(), rt.executor)
             collated["image"] = image.permute(0, 3, 1, 2)
