@@ -13,13 +13,14 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from nsdzarr.errors import InputError
 from nsdzarr.training.row_reader import ShardRows
-from nsdzarr.training.zarr_v3 import Decoder, parse_layout, read_array
+from nsdzarr.training.zarr_v3 import Decoder, crc32c_value, parse_layout, read_array
 
 LAYOUTS = {
     # name: (chunks, shards, compressor, dtype, endian)
     "sharded-zstd-1row": ((1, 37), (10, 37), ZstdCodec(level=1), "<i2", "little"),
     "sharded-blosc-3rows": ((3, 37), (12, 37), BloscCodec(cname="lz4", clevel=5), "<i2", "little"),
     "sharded-raw-1row": ((1, 37), (8, 37), None, "<f4", "little"),
+    "sharded-raw-1row-bigendian": ((1, 37), (8, 37), None, ">i2", "big"),
     "unsharded-zstd-4rows": ((4, 37), None, ZstdCodec(level=3), "<i2", "little"),
     "sharded-zstd-bigendian": ((2, 37), (10, 37), ZstdCodec(level=1), ">i2", "big"),
     # each chunk followed by its crc32c (storage.chunk_codecs): raw rows are read straight
@@ -94,6 +95,40 @@ def test_random_rows_with_repeats_equal_zarr_python(array):
     np.testing.assert_array_equal(read_array(path), data)
     reader.close()
     assert not reader.fds
+
+
+@pytest.mark.parametrize(
+    "name", ["sharded-raw-1row", "sharded-raw-1row-bigendian", "sharded-raw-1row-crc"]
+)
+def test_row_views_are_the_rows_through_bounded_mappings(tmp_path: Path, name: str):
+    """Raw one-row chunks: views of the mapped files equal the rows, with repeats, in any
+    byte order, after a fork's ``forget``; the open files stay bounded; rows of a missing
+    shard give None (read_rows reports them)."""
+    dtype = np.dtype(LAYOUTS[name][3]).newbyteorder("=")
+    data = (np.random.default_rng(5).normal(size=(103, 37)) * 300).astype(dtype)
+    write(tmp_path / "a", data, name)
+    _, lay = parse_layout(tmp_path / "a")
+    reader = ShardRows(lay, max_open=3, verify=False)
+    rng = np.random.default_rng(1)
+    for n in (1, 5, 32, 200):
+        rows = rng.integers(0, len(data), n)
+        views = reader.row_views(rows)
+        assert views is not None
+        np.testing.assert_array_equal(np.stack(views), data[rows])
+        assert len(reader.fds) + len(reader.maps) <= 3
+    reader.forget()
+    rows = rng.integers(0, len(data), 32)
+    np.testing.assert_array_equal(np.stack(reader.row_views(rows)), data[rows])
+    if lay.chunk_crc:  # with the crc32c stored after each row
+        stored = np.zeros(len(rows), np.uint32)
+        np.testing.assert_array_equal(np.stack(reader.row_views(rows, stored)), data[rows])
+        want = [crc32c_value(data[r].astype(lay.dtype).tobytes()) for r in rows.tolist()]
+        np.testing.assert_array_equal(stored, want)
+    reader.close()
+    os.remove(tmp_path / "a" / "c" / "2" / "0")  # rows 16..23
+    reader = ShardRows(lay, max_open=3, verify=False)
+    assert reader.row_views(np.array([3, 17])) is None
+    np.testing.assert_array_equal(np.stack(reader.row_views(np.array([3, 40]))), data[[3, 40]])
 
 
 def test_absent_shard_and_empty_chunks_read_as_fill_value(tmp_path: Path):

@@ -13,6 +13,7 @@ Chunks that end with a crc32c (storage.chunk_codecs) are checked before they are
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import threading
@@ -60,7 +61,14 @@ class ShardRows:
         self.offset = np.zeros((n_obj, layout.n_inner), dtype=np.int64)
         self.nbytes = np.zeros((n_obj, layout.n_inner), dtype=np.int64)  # -1: empty chunk
         self.loaded = np.zeros(n_obj, dtype=bool)
-        self.maps: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()  # raw: mapped files
+        # raw one-row chunks: where each row starts in its file, in elements (-1: not indexed,
+        # or not a whole raw row at a whole element; such rows take the general path)
+        raw_rows = (
+            layout.codec is None and layout.inner[0] == 1 and layout.n_inner == layout.grid[0]
+        )
+        self.start = np.full(n_obj * layout.n_inner, -1, np.int64) if raw_rows else None
+        # raw: mapped files, (mmap, its bytes, its elements)
+        self.maps: OrderedDict[int, tuple[Any, np.ndarray, np.ndarray]] = OrderedDict()
         self._local = threading.local()
         self._main_decoder = Decoder(layout.codec, layout.chunk_crc, verify)
 
@@ -97,9 +105,9 @@ class ShardRows:
                 os.close(self.fds.popitem()[1])
 
     @staticmethod
-    def _unmap(entry: tuple[Any, np.ndarray]) -> None:
-        mm, arr = entry
-        del arr
+    def _unmap(entry: tuple[Any, np.ndarray, np.ndarray]) -> None:
+        mm = entry[0]
+        del entry
         with contextlib.suppress(BufferError):  # a view still alive: unmapped when collected
             mm.close()
 
@@ -107,6 +115,8 @@ class ShardRows:
         """In a forked child: close the inherited copies, drop the cached indexes."""
         self.close()
         self.loaded[:] = False
+        if self.start is not None:
+            self.start[:] = -1
 
     # ---- index
     def load_index(self, obj: int) -> None:
@@ -126,6 +136,12 @@ class ShardRows:
             self.offset[obj] = np.where(empty, 0, idx[:, 0]).astype(np.int64)
             self.nbytes[obj] = np.where(empty, -1, idx[:, 1].astype(np.int64))
         self.loaded[obj] = True
+        if self.start is not None:
+            size = lay.dtype.itemsize * math.prod(lay.shape[1:])
+            off, nb = self.offset[obj], self.nbytes[obj]
+            whole = (nb == size + (4 if lay.chunk_crc else 0)) & (off % lay.dtype.itemsize == 0)
+            rows = slice(obj * lay.n_inner, (obj + 1) * lay.n_inner)
+            self.start[rows] = np.where(whole, off // lay.dtype.itemsize, -1)
 
     # ---- reading
     def decoder(self) -> Decoder:
@@ -156,33 +172,62 @@ class ShardRows:
         if lay.chunk_crc and self.verify:  # checked rows go through read_rows
             return None
         rows = np.asarray(rows, dtype=np.int64)
+        if stored is None and self.start is not None:
+            starts = self.start[rows]  # numpy checks the range
+            if starts.min() < 0:  # a shard not indexed yet (or a row this path cannot take)
+                self._load_indexes(rows // lay.grid[0])
+                starts = self.start[rows]
+            if starts.min() >= 0:
+                return self._typed_views(rows, starts)
         obj, chunk = np.divmod(rows, lay.grid[0])
-        if not self.loaded[obj].all():
-            for o in np.unique(obj[~self.loaded[obj]]).tolist():
-                self.load_index(o)
-        row_shape, n = lay.shape[1:], lay.dtype.itemsize * int(np.prod(lay.shape[1:]))
+        self._load_indexes(obj)
+        row_shape, dtype = lay.shape[1:], lay.dtype
+        n = dtype.itemsize * math.prod(row_shape)
         off, nb = self.offset[obj, chunk], self.nbytes[obj, chunk]
         if (nb != n + (4 if lay.chunk_crc else 0)).any():  # each raw row, then its crc32c
             return None
-        views, maps, dtype = [], self.maps, lay.dtype
+        views = []
         for o, f in zip(obj.tolist(), off.tolist(), strict=True):
-            entry = maps.get(o)
-            if entry is None:
-                entry = self._map(o)
-                if entry is None:
-                    return None
-            else:
-                maps.move_to_end(o)
-            m = entry[1]
-            if f + n > len(m):
+            entry = self._mapped(o)
+            if entry is None or f + n > len(entry[1]):
                 return None
+            m = entry[1]
             views.append(m[f : f + n].view(dtype).reshape(row_shape))
             if stored is not None:
                 stored[len(views) - 1] = int.from_bytes(m[f + n : f + n + 4], "little")
         self.trim()
         return views
 
-    def _map(self, obj: int) -> tuple[Any, np.ndarray] | None:
+    def _typed_views(self, rows: np.ndarray, starts: np.ndarray) -> list[np.ndarray] | None:
+        """:meth:`row_views` of rows that each start at a whole element of their file: one
+        slice of the file's typed view per row (~1 µs; the general path costs ~3)."""
+        per_obj, row_shape = self.layout.grid[0], self.layout.shape[1:]
+        size, flat, views = math.prod(row_shape), len(row_shape) == 1, []
+        for r, a in zip(rows.tolist(), starts.tolist(), strict=True):
+            entry = self._mapped(r // per_obj)
+            if entry is None:
+                return None
+            view = entry[2][a : a + size]
+            if len(view) < size:
+                return None
+            views.append(view if flat else view.reshape(row_shape))
+        self.trim()
+        return views
+
+    def _load_indexes(self, obj: np.ndarray) -> None:
+        if not self.loaded[obj].all():
+            for o in np.unique(obj[~self.loaded[obj]]).tolist():
+                self.load_index(o)
+
+    def _mapped(self, obj: int) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        """The mapping of ``obj``'s file (made on first use; None: no file, or empty)."""
+        entry = self.maps.get(obj)
+        if entry is None:
+            return self._map(obj)
+        self.maps.move_to_end(obj)
+        return entry
+
+    def _map(self, obj: int) -> tuple[Any, np.ndarray, np.ndarray] | None:
         fd = self.fd(obj)
         if fd is None or os.fstat(fd).st_size == 0:
             return None
@@ -191,7 +236,9 @@ class ShardRows:
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
         os.close(self.fds.pop(obj))
-        entry = self.maps[obj] = (mm, np.frombuffer(mm, np.uint8))
+        dtype = self.layout.dtype
+        typed = np.frombuffer(mm, dtype, len(mm) // dtype.itemsize)
+        entry = self.maps[obj] = (mm, np.frombuffer(mm, np.uint8), typed)
         return entry
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray, executor: Any = None) -> None:
