@@ -67,6 +67,9 @@ class ShardRows:
             layout.codec is None and layout.inner[0] == 1 and layout.n_inner == layout.grid[0]
         )
         self.start = np.full(n_obj * layout.n_inner, -1, np.int64) if raw_rows else None
+        # a raw one-row chunk: the row's bytes, then its crc32c when the codecs add one
+        self.row_nbytes = layout.dtype.itemsize * math.prod(layout.shape[1:])
+        self.raw_chunk_nbytes = self.row_nbytes + (4 if layout.chunk_crc else 0)
         # raw: mapped files, (mmap, its bytes, its elements)
         self.maps: OrderedDict[int, tuple[Any, np.ndarray, np.ndarray]] = OrderedDict()
         self._local = threading.local()
@@ -137,9 +140,8 @@ class ShardRows:
             self.nbytes[obj] = np.where(empty, -1, idx[:, 1].astype(np.int64))
         self.loaded[obj] = True
         if self.start is not None:
-            size = lay.dtype.itemsize * math.prod(lay.shape[1:])
             off, nb = self.offset[obj], self.nbytes[obj]
-            whole = (nb == size + (4 if lay.chunk_crc else 0)) & (off % lay.dtype.itemsize == 0)
+            whole = (nb == self.raw_chunk_nbytes) & (off % lay.dtype.itemsize == 0)
             rows = slice(obj * lay.n_inner, (obj + 1) * lay.n_inner)
             self.start[rows] = np.where(whole, off // lay.dtype.itemsize, -1)
 
@@ -181,10 +183,9 @@ class ShardRows:
                 return self._typed_views(rows, starts)
         obj, chunk = np.divmod(rows, lay.grid[0])
         self._load_indexes(obj)
-        row_shape, dtype = lay.shape[1:], lay.dtype
-        n = dtype.itemsize * math.prod(row_shape)
+        row_shape, dtype, n = lay.shape[1:], lay.dtype, self.row_nbytes
         off, nb = self.offset[obj, chunk], self.nbytes[obj, chunk]
-        if (nb != n + (4 if lay.chunk_crc else 0)).any():  # each raw row, then its crc32c
+        if (nb != self.raw_chunk_nbytes).any():  # each raw row, then its crc32c
             return None
         views = []
         for o, f in zip(obj.tolist(), off.tolist(), strict=True):
