@@ -192,7 +192,7 @@ class WorkerBatch(dict):
         # batch of a layout serves the next ones (looking at each tensor costs ~20 us)
         addr = slot.addr if slot is not None else None
         facts = tuple(
-            (key, addr and v.data_ptr() - addr, v.dtype, v.shape, v.stride())
+            (key, None if addr is None else v.data_ptr() - addr, v.dtype, v.shape, v.stride())
             if isinstance(v, torch.Tensor)
             else (key,)
             for key, v in items
@@ -209,7 +209,7 @@ class WorkerBatch(dict):
                     rest[key] = None
             else:
                 rest[key] = v.numpy() if kind == _BY_VALUE else v
-        ticket = slot.send() if in_slot != b"[]" else None  # type: ignore[union-attr]
+        ticket = slot.send() if _IN_SLOT in kinds else None  # type: ignore[union-attr]
         return (_rebuild_batch, (ticket, in_slot, by_value, rest))
 
 
