@@ -795,11 +795,10 @@ class BetasDataset(Dataset):
         }
 
     def _columns(self, stores: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        keys = ("nsd_id", "trial", "session", "repeat")
         if self._single:
             cols = self.stores[0].columns
-            return {k: cols[k][rows] for k in keys}
-        out = {k: np.empty(len(rows), dtype=np.int64) for k in keys}
+            return {k: cols[k][rows] for k in META_KEYS}
+        out = {k: np.empty(len(rows), dtype=np.int64) for k in META_KEYS}
         for s in np.unique(stores).tolist():
             mine = stores == s
             for k in out:
