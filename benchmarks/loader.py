@@ -222,7 +222,6 @@ def floor_dsets() -> dict[str, object]:
 def own_unpickling(dset: object, rounds: int) -> float:
     """CPU µs per batch the main process spends in our code (rebuilding a worker's batch and
     freeing it), 2 workers: the least of ``rounds`` epochs of 300 batches."""
-    from torch.utils.data import DataLoader, RandomSampler
 
     from nsdzarr.training import batch_transport
     from nsdzarr.training.loader import collate
@@ -235,17 +234,7 @@ def own_unpickling(dset: object, rounds: int) -> float:
         spent[0] += time.thread_time() - t
         return batch
 
-    dl = DataLoader(
-        dset,  # type: ignore[arg-type]
-        batch_size=BATCH,
-        sampler=RandomSampler(range(N_TRIALS), num_samples=300 * BATCH),
-        num_workers=2,
-        collate_fn=collate,
-        persistent_workers=True,
-        prefetch_factor=4,
-    )
-    for _ in dl:
-        pass
+    dl = warm_loader(dset, 2, BATCH, 300, collate)
     batch_transport._rebuild_batch = timed  # unpickling looks it up by name
     best = float("inf")
     try:
@@ -262,33 +251,43 @@ def own_unpickling(dset: object, rounds: int) -> float:
     return best
 
 
+def warm_loader(dset: object, workers: int, bs: int, batches: int, collate_fn: Callable):
+    """A DataLoader of ``batches`` random batches per epoch (persistent workers), warmed by one
+    epoch: its workers started, their files open."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    kwargs = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+    dl = DataLoader(
+        dset,  # type: ignore[arg-type]
+        batch_size=bs,
+        sampler=RandomSampler(range(N_TRIALS), num_samples=batches * bs),
+        num_workers=workers,
+        collate_fn=collate_fn,
+        **kwargs,
+    )
+    for _ in dl:
+        pass
+    return dl
+
+
 def loader_rates(dsets: dict[str, object], configs: list[tuple[str, int, int]], rounds: int):
     """Trials/s and CPU µs per batch (main, all workers) of DataLoaders, measured round-robin.
 
     ``configs``: (dataset name, num_workers, batch size). Persistent workers, warmed by one
     epoch; every round is one epoch per config; the best round is kept.
     """
-    from torch.utils.data import DataLoader, RandomSampler
 
     from nsdzarr.training.loader import collate
 
     loaders = {}
     for name, workers, bs in configs:
-        dset = dsets[name]
-        kwargs = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
-        loaders[name, workers, bs] = dl = DataLoader(
-            dset,  # type: ignore[arg-type]
-            batch_size=bs,
-            # 300 batches (3000 for the no-op: CPU time counts in 10 ms ticks)
-            sampler=RandomSampler(
-                range(N_TRIALS), num_samples=(3000 if name == "noop" else 300) * bs
-            ),
-            num_workers=workers,
-            collate_fn=collate if name.startswith("ours") else (lambda b: b),
-            **kwargs,
+        loaders[name, workers, bs] = warm_loader(
+            dsets[name],
+            workers,
+            bs,
+            3000 if name == "noop" else 300,  # the no-op's CPU time counts in 10 ms ticks
+            collate if name.startswith("ours") else (lambda b: b),
         )
-        for _ in dl:  # warm-up epoch: starts workers, opens files
-            pass
     best: dict[tuple, tuple[float, float, float]] = {}
     for _ in range(rounds):
         for key, dl in loaders.items():
